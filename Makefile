@@ -1,0 +1,33 @@
+# Quick start: `make demo`, `make test`. Everything installs into .venv in this folder.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# The stamp depends on the files that define the install, so a second `make install` is a no-op.
+$(STAMP): constraints.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0 fbgemm-gpu-cpu==1.8.0 \
+		torchmetrics tensordict pyre-extensions tqdm numpy pyarrow tomli-w pytest
+	# --no-deps: torchrec's metadata asks for the CUDA fbgemm-gpu, which must never land on a CPU machine.
+	$(PIP) install -q --no-deps -c constraints.txt torchrec==1.8.0
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(VENV)/bin/distrec doctor
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/distrec data synth --config configs/demo.toml --out $(DEMO_DIR)/data
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m distrec.train --config configs/demo.toml \
+		--data.path=$(DEMO_DIR)/data --logging.dir=$(DEMO_DIR)/logs --checkpoint.dir=$(DEMO_DIR)/ckpt
+
+test: install
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

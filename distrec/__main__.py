@@ -1,0 +1,5 @@
+import sys
+
+from distrec.cli import main
+
+sys.exit(main())

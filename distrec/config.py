@@ -1,0 +1,327 @@
+"""TOML configs mapped onto dataclasses, overridable on the command line as ``--section.key=value``.
+
+    cfg = load_config("configs/demo.toml", ["--train.global_batch_size=8192"])
+    cfg.train.global_batch_size  # 8192
+
+Unknown sections or keys and values of the wrong type raise :class:`ConfigError` naming the key and
+where it came from (the file, or the command line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
+CRITEO_CATEGORICAL = [f"C{i}" for i in range(1, 27)]
+
+
+class ConfigError(ValueError):
+    """A config problem, with the file (or command line) and key in the message."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "runs/demo/data"  # a folder with manifest.json (from `distrec data synth|preprocess`)
+    train_split: str = "train"
+    eval_split: str = "valid"
+    shuffle: bool = True  # row-group order and rows within a group, per seed and epoch
+    drop_last: bool = False  # False: the last partial global batch is trained on, split over ranks
+    prefetch_batches: int = 4  # batches each rank decodes ahead in its background thread
+
+
+@dataclass
+class SchemaConfig:
+    preset: str = "criteo"  # "criteo": 13 dense I1..I13 + 26 categorical C1..C26; "none": name them
+    label: str = "label"
+    dense: list[str] | None = None  # None: from the preset; [] means no dense features (no bottom MLP)
+    categorical: list[str] | None = None
+
+
+@dataclass
+class TablesConfig:
+    """One embedding table per categorical feature; scalar defaults, optional per-table lists."""
+
+    dim: int = 16
+    dims: list[int] = field(default_factory=list)
+    cardinality: int = 1000  # rows per table
+    cardinalities: list[int] = field(default_factory=list)
+    pooling: str = "sum"  # sum | mean
+    zipf_exponent: float = 1.1  # id popularity for `data synth`
+    zipf_exponents: list[float] = field(default_factory=list)
+    hotness: int = 1  # ids per sample per feature for `data synth` (1: one-hot)
+    hotnesses: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    bottom_mlp: list[int] = field(default_factory=lambda: [64, 16])  # last size = embedding dim (dot)
+    top_mlp: list[int] = field(default_factory=lambda: [64, 32])  # a final 1-unit layer is added
+    interaction: str = "dot"  # dot | dcn
+    dcn_layers: int = 2
+    dcn_low_rank: int = 0  # 0: full-rank DCN-v2 cross layers
+
+
+@dataclass
+class PlanConfig:
+    default: str = "data_parallel"  # placement of every table: replicated on every rank, grads all-reduced
+
+
+@dataclass
+class OptimizerConfig:
+    dense: str = "adam"  # sgd | adagrad | adam, for the MLPs
+    dense_lr: float = 1e-3
+    sparse: str = "adagrad"  # sgd | adagrad | adam, for the embedding tables
+    sparse_lr: float = 0.05
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    global_batch_size: int = 4096  # summed over ranks
+    epochs: int = 1
+    max_steps: int = 0  # 0: no limit
+    device: str = "auto"  # auto | cpu | cuda
+    log_every_steps: int = 50
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: evaluate at the end only
+    batch_size: int = 16384  # global
+    max_rows: int = 0  # 0: the whole eval split
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # "" disables checkpoints
+    every_steps: int = 0  # 0: only at the end
+    resume: bool = False  # continue from the newest checkpoint in dir
+    keep: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = ""  # metrics.jsonl and config.toml are written here
+
+
+@dataclass
+class SynthConfig:
+    seed: int = 1234
+    train_rows: int = 1_000_000
+    eval_rows: int = 100_000
+    rows_per_file: int = 500_000
+    row_group_rows: int = 8192  # small groups let each rank read little more than its own rows
+    target_auc: float = 0.80  # Bayes AUC the teacher is calibrated to
+    target_ctr: float = 0.12  # click rate the teacher is calibrated to
+    teacher_dim: int = 2  # low rank per table: a dot-interaction DLRM can represent the teacher
+    teacher_hidden: int = 32
+    teacher_table_rows: int = 1 << 20  # teacher embeddings are hashed into this many rows
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    schema: SchemaConfig = field(default_factory=SchemaConfig)
+    tables: TablesConfig = field(default_factory=TablesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    source: str = "<defaults>"  # where the config came from, for messages
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One embedding table, resolved from [schema] and [tables]."""
+
+    name: str  # the categorical feature it serves
+    num_rows: int
+    dim: int
+    pooling: str
+    zipf_exponent: float
+    hotness: int
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "source"]
+CHOICES = {
+    ("schema", "preset"): ("criteo", "none"),
+    ("tables", "pooling"): ("sum", "mean"),
+    ("model", "interaction"): ("dot", "dcn"),
+    ("optimizer", "dense"): ("sgd", "adagrad", "adam"),
+    ("optimizer", "sparse"): ("sgd", "adagrad", "adam"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("plan", "default"): ("data_parallel",),
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) if not typing.get_args(tp) else str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {_type_name(args[0])}, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    if section not in SECTIONS:
+        hint = difflib.get_close_matches(section, SECTIONS, n=1)
+        raise ConfigError(f"{where}: unknown section [{section}]"
+                          + (f" (did you mean [{hint[0]}]?)" if hint else f" (known: {', '.join(SECTIONS)})"))
+    sect = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sect))
+    if key not in hints:
+        close = difflib.get_close_matches(key, list(hints), n=1)
+        raise ConfigError(f"{where}: unknown key '{section}.{key}'"
+                          + (f" (did you mean '{section}.{close[0]}'?)" if close else ""))
+    value = _coerce(value, hints[key], f"{where}: {section}.{key}")
+    allowed = CHOICES.get((section, key))
+    if allowed and value not in allowed:
+        raise ConfigError(f"{where}: {section}.{key} = {value!r} is not one of {', '.join(allowed)}")
+    setattr(sect, key, value)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value is read as a TOML value (``8``, ``true``, ``[64, 16]``), else as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
+    """``["--train.seed=3", "--model.top_mlp", "[8]"]`` -> ``[("train", "seed", 3), ("model", ...)]``."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise ConfigError(f"command line: expected --section.key=value, got {arg!r}")
+        name, sep, text = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: --{name} needs a value")
+            text, i = args[i + 1], i + 1
+        section, _, key = name.partition(".")
+        out.append((section, key, _parse_value(text)))
+        i += 1
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            doc = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for section, body in doc.items():
+            if not isinstance(body, dict):
+                raise ConfigError(f"{path}: top-level key '{section}' must be a [section]")
+            for key, value in body.items():
+                _apply(cfg, section, key, value, path)
+        cfg.source = path
+    for section, key, value in parse_overrides(overrides or []):
+        _apply(cfg, section, key, value, f"command line --{section}.{key}")
+    _resolve_schema(cfg.schema)
+    validate(cfg)
+    return cfg
+
+
+def _resolve_schema(schema: SchemaConfig) -> None:
+    preset = schema.preset == "criteo"
+    if schema.dense is None:
+        schema.dense = list(CRITEO_DENSE) if preset else []
+    if schema.categorical is None:
+        schema.categorical = list(CRITEO_CATEGORICAL) if preset else []
+
+
+def _per_table(cfg: Config, name: str, scalar: Any, values: list) -> list:
+    n = len(cfg.schema.categorical)
+    if not values:
+        return [scalar] * n
+    if len(values) != n:
+        raise ConfigError(f"{cfg.source}: tables.{name} has {len(values)} entries but the schema has "
+                          f"{n} categorical features")
+    return list(values)
+
+
+def table_specs(cfg: Config, cardinalities: dict[str, int] | None = None) -> list[TableSpec]:
+    """The tables, one per categorical feature; ``cardinalities`` (from a data manifest) fill in rows
+    where the config gives none."""
+    t = cfg.tables
+    rows = _per_table(cfg, "cardinalities", t.cardinality, t.cardinalities)
+    if cardinalities and not t.cardinalities:
+        rows = [cardinalities[n] for n in cfg.schema.categorical]
+    dims = _per_table(cfg, "dims", t.dim, t.dims)
+    zipf = _per_table(cfg, "zipf_exponents", t.zipf_exponent, t.zipf_exponents)
+    hot = _per_table(cfg, "hotnesses", t.hotness, t.hotnesses)
+    return [TableSpec(n, r, d, t.pooling, z, h)
+            for n, r, d, z, h in zip(cfg.schema.categorical, rows, dims, zipf, hot)]
+
+
+def validate(cfg: Config) -> None:
+    src, s = cfg.source, cfg.schema
+    names = [s.label, *s.dense, *s.categorical]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{src}: schema column names repeat: {', '.join(dup)}")
+    if not s.categorical:
+        raise ConfigError(f"{src}: schema.categorical is empty; a DLRM needs at least one table")
+    specs = table_specs(cfg)
+    for spec in specs:
+        if spec.num_rows < 1 or spec.dim < 1 or spec.hotness < 1:
+            raise ConfigError(f"{src}: table {spec.name}: rows, dim and hotness must be >= 1, got "
+                              f"{spec.num_rows}, {spec.dim}, {spec.hotness}")
+    m = cfg.model
+    if m.interaction == "dot":
+        dims = {spec.dim for spec in specs}
+        if len(dims) > 1:
+            raise ConfigError(f"{src}: model.interaction = 'dot' needs one embedding dim for all tables, "
+                              f"got {sorted(dims)}; use 'dcn' or equal tables.dims")
+        if s.dense and (not m.bottom_mlp or m.bottom_mlp[-1] != specs[0].dim):
+            raise ConfigError(f"{src}: model.bottom_mlp must end in the embedding dim {specs[0].dim} "
+                              f"for the dot interaction, got {m.bottom_mlp}")
+    if cfg.train.global_batch_size < 1:
+        raise ConfigError(f"{src}: train.global_batch_size must be >= 1")
+
+
+def to_dict(cfg: Config) -> dict:
+    d = dataclasses.asdict(cfg)
+    d.pop("source")
+    return d
+
+
+def dump_toml(cfg: Config) -> str:
+    """The resolved config as TOML; ``load_config`` reads it back to an equal Config."""
+    return tomli_w.dumps(to_dict(cfg))

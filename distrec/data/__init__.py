@@ -1,0 +1,1 @@
+"""Data: the Parquet data set format, synthetic data, Criteo preprocessing, the per-rank loader."""

@@ -1,0 +1,57 @@
+"""metrics.jsonl, the resolved config, and rank 0's progress bar.
+
+    log = MetricsLog("runs/demo/logs", is_main=True, total_steps=488, progress=True)
+    log.train_window(step=50, samples=204800, loss=0.41, samples_per_s=51000.0)
+    log.evaluation(step=488, auc=0.79, logloss=0.35)
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class MetricsLog:
+    def __init__(self, log_dir: str, is_main: bool, total_steps: int, progress: bool, first_step: int = 0):
+        self.is_main = is_main
+        self.path = Path(log_dir) / "metrics.jsonl" if log_dir and is_main else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.bar = tqdm(total=total_steps, initial=first_step, unit="step", file=sys.stderr,
+                        dynamic_ncols=True) if is_main and progress else None
+
+    def _write(self, record: dict) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({**record, "time": time.time()}) + "\n")
+
+    def step(self) -> None:
+        if self.bar:
+            self.bar.update(1)
+
+    def train_window(self, step: int, samples: int, loss: float, samples_per_s: float) -> None:
+        self._write({"kind": "train", "step": step, "samples": samples, "loss": loss,
+                     "samples_per_s": samples_per_s})
+        if self.bar:
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{samples_per_s:,.0f}")
+
+    def evaluation(self, step: int, auc: float, logloss: float, rows: int) -> None:
+        self._write({"kind": "eval", "step": step, "auc": auc, "logloss": logloss, "rows": rows})
+        self.info(f"eval step {step}: auc {auc:.4f} logloss {logloss:.4f} over {rows:,} rows")
+
+    def info(self, text: str) -> None:
+        if self.is_main:
+            (self.bar.write if self.bar else print)(text)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def write_resolved_config(log_dir: str, toml_text: str) -> None:
+    if log_dir:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(log_dir) / "config.toml").write_text(toml_text)

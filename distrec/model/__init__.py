@@ -1,0 +1,1 @@
+"""The DLRM model: MLPs, interactions, the embedding part behind one interface."""

@@ -1,0 +1,155 @@
+"""Train a DLRM: config -> distributed init -> plan -> model -> loop.
+
+    torchrun --standalone --nproc_per_node 2 -m distrec.train --config configs/demo.toml --train.epochs=2
+    python -m distrec.train --config configs/demo.toml          # one process, no process group
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from distrec.checkpoint import load_latest, save_checkpoint
+from distrec.config import Config, ConfigError, dump_toml, load_config, table_specs, to_dict
+from distrec.data.loader import Columns, ParquetLoader
+from distrec.data.manifest import DataError, check_schema, read_manifest, split_files
+from distrec.dist import DistContext, all_reduce_sum, init_distributed, shutdown
+from distrec.logs import MetricsLog, write_resolved_config
+from distrec.loop import Position, evaluate, restore, train_step, training_state
+from distrec.model.dlrm import DLRM
+from distrec.model.embedding import IdRangeError, LocalEmbeddings
+from distrec.optim import make_optimizers
+
+
+def make_loader(cfg: Config, manifest: dict, split: str, ctx: DistContext, train: bool) -> ParquetLoader:
+    s = cfg.schema
+    return ParquetLoader(
+        split_files(cfg.data.path, manifest, split), Columns(s.label, s.dense, s.categorical),
+        global_batch_size=cfg.train.global_batch_size if train else cfg.eval.batch_size,
+        rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed, shuffle=train and cfg.data.shuffle,
+        drop_last=train and cfg.data.drop_last, prefetch_batches=cfg.data.prefetch_batches,
+        max_rows=0 if train else cfg.eval.max_rows)
+
+
+def check_cardinalities(cfg: Config, manifest: dict, specs) -> None:
+    """Tables smaller than the data's id range would fail deep inside the lookup: say so up front."""
+    for spec in specs:
+        have = manifest.get("cardinalities", {}).get(spec.name, 0)
+        if have > spec.num_rows:
+            raise ConfigError(f"{cfg.source}: table {spec.name} has {spec.num_rows} rows but the data in "
+                              f"{cfg.data.path} has ids up to {have - 1}; raise tables.cardinalities")
+
+
+def describe_plan(cfg: Config, specs, ctx: DistContext) -> str:
+    mib = sum(s.num_rows * s.dim * 4 for s in specs) / 2**20
+    return (f"plan: {len(specs)} tables {cfg.plan.default} on {ctx.world_size} rank(s) "
+            f"({mib:.1f} MiB of weights per rank), backend {ctx.backend}, device {ctx.device}")
+
+
+def run(cfg: Config, ctx: DistContext) -> dict:
+    manifest = read_manifest(cfg.data.path)
+    check_schema(manifest, cfg.schema.label, cfg.schema.dense, cfg.schema.categorical, cfg.source)
+    specs = table_specs(cfg, manifest.get("cardinalities"))
+    check_cardinalities(cfg, manifest, specs)
+    torch.manual_seed(cfg.train.seed)
+    model = DLRM.from_config(cfg, LocalEmbeddings(specs)).to(ctx.device)
+    optimizers = make_optimizers(cfg.optimizer, model)
+    train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
+    eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
+    pos = Position()
+    if cfg.checkpoint.resume and cfg.checkpoint.dir and (state := load_latest(cfg.checkpoint.dir)):
+        pos = restore(state, model, optimizers, ctx)
+    ddp = DDP(model) if ctx.backend != "none" else model
+    per_epoch = train_loader.num_batches()
+    total = per_epoch * cfg.train.epochs if not cfg.train.max_steps else min(cfg.train.max_steps, per_epoch * cfg.train.epochs)
+    log = MetricsLog(cfg.logging.dir, ctx.is_main, total, cfg.train.progress_bar, first_step=pos.step)
+    if ctx.is_main:
+        write_resolved_config(cfg.logging.dir, dump_toml(cfg))
+        log.info(describe_plan(cfg, specs, ctx))
+        if pos.step:
+            log.info(f"resumed from {cfg.checkpoint.dir} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
+    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log)
+    result["bayes_auc"] = manifest.get("bayes_auc")
+    log.close()
+    return result
+
+
+def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log) -> dict:
+    window = [0.0, 0.0]  # local loss sum, local rows
+    window_start, train_time, trained = time.perf_counter(), 0.0, 0
+    per_epoch, G = train_loader.num_batches(), train_loader.global_batch_size
+    while pos.step < total:
+        for batch in train_loader.epoch(pos.epoch, pos.batch):
+            global_size = min(G, train_loader.num_rows - pos.batch * G)
+            loss_sum = train_step(ddp, optimizers, batch.to(ctx.device), global_size, ctx.world_size)
+            window[0] += loss_sum
+            window[1] += len(batch)
+            pos.step, pos.batch = pos.step + 1, pos.batch + 1
+            log.step()
+            last = pos.step >= total
+            if pos.step % cfg.train.log_every_steps == 0 or last:
+                loss_total, rows = all_reduce_sum(window, ctx)
+                elapsed = time.perf_counter() - window_start
+                train_time, trained = train_time + elapsed, trained + int(rows)
+                log.train_window(pos.step, trained, loss_total / max(rows, 1), rows / elapsed)
+                window = [0.0, 0.0]
+            if cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0 and not last:
+                log.evaluation(pos.step, **evaluate(model, eval_loader, ctx))
+            if cfg.checkpoint.dir and cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
+                checkpoint(cfg, ctx, model, optimizers, pos)
+            if pos.step % cfg.train.log_every_steps == 0 or last:
+                window_start = time.perf_counter()  # eval and checkpoint time do not count as training
+            if last:
+                break
+        if pos.batch >= per_epoch:
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+    result = evaluate(model, eval_loader, ctx)
+    log.evaluation(pos.step, **result)
+    if cfg.checkpoint.dir:
+        checkpoint(cfg, ctx, model, optimizers, pos)
+    return {**result, "step": pos.step, "samples_per_s": trained / train_time if train_time else 0.0}
+
+
+def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position) -> None:
+    state = training_state(model, optimizers, pos, ctx, to_dict(cfg))
+    if ctx.is_main:  # the whole model is replicated, so rank 0's copy is the checkpoint
+        save_checkpoint(cfg.checkpoint.dir, pos.step, state, keep=cfg.checkpoint.keep)
+    if ctx.backend != "none":
+        torch.distributed.barrier()
+
+
+def summary_line(result: dict) -> str:
+    line = (f"final: step {result['step']} | auc {result['auc']:.4f} | logloss {result['logloss']:.4f} | "
+            f"{result['samples_per_s']:,.0f} samples/s")
+    if result.get("bayes_auc") is not None:
+        line += f" | bayes auc {result['bayes_auc']:.4f} (gap {result['bayes_auc'] - result['auc']:.4f})"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distrec.train", description=__doc__.split("\n")[0],
+                                     epilog="Further arguments override the config: --section.key=value")
+    parser.add_argument("--config", help="a TOML file under configs/; defaults apply without one")
+    args, overrides = parser.parse_known_args(argv)
+    ctx = None
+    try:
+        cfg = load_config(args.config, overrides)
+        ctx = init_distributed(cfg.train.device)
+        result = run(cfg, ctx)
+        if ctx.is_main:
+            print(summary_line(result), flush=True)
+        return 0
+    except (ConfigError, DataError, IdRangeError) as e:
+        rank = f"[rank {ctx.rank}] " if ctx and ctx.world_size > 1 else ""
+        print(f"distrec.train: error: {rank}{e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if ctx is not None:
+            shutdown(ctx)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

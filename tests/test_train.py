@@ -1,0 +1,105 @@
+"""The trainer in one process: logs, evaluation, checkpoints, resume, errors."""
+import json
+
+import pytest
+import torch
+
+from distrec import checkpoint as ckpt
+from distrec.train import main
+from tests.conftest import run_cli
+
+
+def args(cfg_path, data, tmp_path, *more):
+    return ["--config", str(cfg_path), f"--data.path={data}", f"--logging.dir={tmp_path / 'logs'}", *more]
+
+
+def records(log_dir, kind):
+    return [r for r in map(json.loads, (log_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_trains_logs_and_evaluates(small_data, tmp_path, capsys):
+    cfg_path, data = small_data
+    assert main(args(cfg_path, data, tmp_path, "--train.epochs=2", "--eval.every_steps=10",
+                     "--train.log_every_steps=5")) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith("final: step 48 | auc ") and "samples/s | bayes auc" in out[-1]
+    train = records(tmp_path / "logs", "train")
+    assert [r["step"] for r in train] == list(range(5, 48, 5)) + [48]
+    assert train[-1]["samples"] == 2 * 6000
+    assert all(r["loss"] > 0 and r["samples_per_s"] > 0 for r in train)
+    evals = records(tmp_path / "logs", "eval")
+    assert [r["step"] for r in evals] == [10, 20, 30, 40, 48]
+    assert evals[-1]["rows"] == 2000
+    assert evals[-1]["auc"] > evals[0]["auc"] - 0.02 and evals[-1]["auc"] > 0.6
+    assert f"auc {evals[-1]['auc']:.4f}" in out[-1]
+    assert "[train]" in (tmp_path / "logs" / "config.toml").read_text()
+
+
+def _final_weights(ckpt_dir):
+    return ckpt.load_latest(ckpt_dir)["model"]
+
+
+def test_resume_continues_to_the_same_result(small_data, tmp_path):
+    cfg_path, data = small_data
+    common = ["--train.epochs=2", "--optimizer.dense=adam", "--optimizer.sparse=adagrad"]
+    whole = tmp_path / "whole"
+    assert main(args(cfg_path, data, whole, *common, f"--checkpoint.dir={whole / 'ckpt'}")) == 0
+    part = tmp_path / "part"
+    # Stop at step 30 (mid second epoch: data position matters), then resume to the end.
+    assert main(args(cfg_path, data, part, *common, "--train.max_steps=30", f"--checkpoint.dir={part / 'ckpt'}")) == 0
+    assert main(args(cfg_path, data, part, *common, "--checkpoint.resume=true", f"--checkpoint.dir={part / 'ckpt'}")) == 0
+    a, b = _final_weights(whole / "ckpt"), _final_weights(part / "ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    loss_whole = {r["step"]: r["loss"] for r in records(whole / "logs", "train")}
+    loss_part = {r["step"]: r["loss"] for r in records(part / "logs", "train")}
+    assert sorted(loss_part) == list(range(1, 49))
+    assert loss_part == pytest.approx(loss_whole, rel=1e-6)
+    auc_whole, auc_part = records(whole / "logs", "eval")[-1]["auc"], records(part / "logs", "eval")[-1]["auc"]
+    assert auc_part == auc_whole
+
+
+def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 10, {"x": torch.ones(3)})
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 20, {"x": torch.zeros(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_10.pt"]
+    assert torch.equal(ckpt.load_latest(tmp_path)["x"], torch.ones(3))
+
+
+def test_keeps_the_newest_checkpoints(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_3.pt", "step_4.pt"]
+    assert ckpt.load_latest(tmp_path)["step"] == 4
+    assert ckpt.load_latest(tmp_path / "empty") is None
+
+
+@pytest.mark.parametrize("extra", [["--schema.dense=[]"], ["--model.interaction=dcn", "--tables.dims=[8, 4, 6, 8]"]],
+                         ids=["zero-dense", "dcn-mixed-dims"])
+def test_model_variants_train(small_data, tmp_path, capsys, extra):
+    cfg_path, data = small_data
+    assert main(args(cfg_path, data, tmp_path, *extra)) == 0
+    auc = records(tmp_path / "logs", "eval")[-1]["auc"]
+    assert 0.55 < auc < 1.0
+
+
+def test_errors_are_one_clear_line(small_data, tmp_path):
+    cfg_path, data = small_data
+    r = run_cli("-m", "distrec.train", "--config", str(cfg_path), f"--data.path={tmp_path / 'none'}")
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"distrec.train: error: {tmp_path / 'none' / 'manifest.json'}: no manifest; "
+                                "make the data with `distrec data synth` or `distrec data preprocess` first")
+    r = run_cli("-m", "distrec.train", "--config", str(cfg_path), f"--data.path={data}",
+                "--tables.cardinalities=[50, 200, 7, 10]")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "table c4 has 10 rows but the data" in r.stderr and "has ids up to 299" in r.stderr
+    r = run_cli("-m", "distrec.train", "--config", str(cfg_path), f"--data.path={data}", "--schema.dense=[\"zz\"]")
+    assert r.returncode == 2 and "schema.dense names columns the data does not have: zz" in r.stderr

@@ -72,7 +72,7 @@ def test_zero_dense_schema_and_per_table_specs(tmp_path):
     assert cfg.schema.dense == []
     specs = table_specs(cfg)
     assert [(s.name, s.num_rows, s.hotness) for s in specs] == [
-        ("c1", 50, 1), ("c2", 200, 3), ("c3", 7, 1), ("c4", 1000, 1)]
+        ("c1", 50, 1), ("c2", 200, 3), ("c3", 7, 1), ("c4", 300, 1)]
 
 
 def test_resolved_config_round_trips(tmp_path):

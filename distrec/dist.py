@@ -58,11 +58,6 @@ def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
     return t.cpu().tolist()
 
 
-def all_agree(ok: bool, ctx: DistContext) -> bool:
-    """True only if every rank says ok: lets every rank raise together instead of one rank hanging."""
-    return all_reduce_sum([0.0 if ok else 1.0], ctx)[0] == 0.0
-
-
 def shutdown(ctx: DistContext) -> None:
     if ctx.backend != "none" and dist.is_initialized():
         dist.destroy_process_group()

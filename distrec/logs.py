@@ -21,7 +21,7 @@ class MetricsLog:
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.bar = tqdm(total=total_steps, initial=first_step, unit="step", file=sys.stderr,
-                        dynamic_ncols=True) if is_main and progress else None
+                        dynamic_ncols=True, mininterval=1.0) if is_main and progress else None
 
     def _write(self, record: dict) -> None:
         if self.path:

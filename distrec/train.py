@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -77,40 +78,61 @@ def run(cfg: Config, ctx: DistContext) -> dict:
     return result
 
 
+class Window:
+    """Loss and samples/s over a logging window; time spent evaluating or checkpointing is left out."""
+
+    def __init__(self):
+        self.loss_sum = self.rows = 0.0  # this rank's
+        self.start = time.perf_counter()
+        self.train_time, self.trained = 0.0, 0  # totals over the run, all ranks
+
+    def close(self, ctx: DistContext) -> tuple[float, float]:
+        loss_sum, rows = all_reduce_sum([self.loss_sum, self.rows], ctx)
+        elapsed = time.perf_counter() - self.start
+        self.train_time, self.trained = self.train_time + elapsed, self.trained + int(rows)
+        self.loss_sum = self.rows = 0.0
+        self.start = time.perf_counter()
+        return loss_sum / max(rows, 1.0), rows / elapsed
+
+    @contextlib.contextmanager
+    def paused(self):
+        begin = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - begin
+
+
+def samples_seen(pos: Position, loader: ParquetLoader) -> int:
+    return pos.epoch * loader.num_rows + min(pos.batch * loader.global_batch_size, loader.num_rows)
+
+
 def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log) -> dict:
-    window = [0.0, 0.0]  # local loss sum, local rows
-    window_start, train_time, trained = time.perf_counter(), 0.0, 0
-    per_epoch, G = train_loader.num_batches(), train_loader.global_batch_size
+    window, G = Window(), train_loader.global_batch_size
     while pos.step < total:
         for batch in train_loader.epoch(pos.epoch, pos.batch):
             global_size = min(G, train_loader.num_rows - pos.batch * G)
-            loss_sum = train_step(ddp, optimizers, batch.to(ctx.device), global_size, ctx.world_size)
-            window[0] += loss_sum
-            window[1] += len(batch)
+            window.loss_sum += train_step(ddp, optimizers, batch.to(ctx.device), global_size, ctx.world_size)
+            window.rows += len(batch)
             pos.step, pos.batch = pos.step + 1, pos.batch + 1
             log.step()
             last = pos.step >= total
             if pos.step % cfg.train.log_every_steps == 0 or last:
-                loss_total, rows = all_reduce_sum(window, ctx)
-                elapsed = time.perf_counter() - window_start
-                train_time, trained = train_time + elapsed, trained + int(rows)
-                log.train_window(pos.step, trained, loss_total / max(rows, 1), rows / elapsed)
-                window = [0.0, 0.0]
-            if cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0 and not last:
-                log.evaluation(pos.step, **evaluate(model, eval_loader, ctx))
-            if cfg.checkpoint.dir and cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0:
-                checkpoint(cfg, ctx, model, optimizers, pos)
-            if pos.step % cfg.train.log_every_steps == 0 or last:
-                window_start = time.perf_counter()  # eval and checkpoint time do not count as training
+                log.train_window(pos.step, samples_seen(pos, train_loader), *window.close(ctx))
+            with window.paused():
+                if cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0 and not last:
+                    log.evaluation(pos.step, **evaluate(model, eval_loader, ctx))
+                if cfg.checkpoint.dir and cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0 \
+                        and not last:
+                    checkpoint(cfg, ctx, model, optimizers, pos)
             if last:
                 break
-        if pos.batch >= per_epoch:
+        if pos.batch >= train_loader.num_batches():
             pos.epoch, pos.batch = pos.epoch + 1, 0
     result = evaluate(model, eval_loader, ctx)
     log.evaluation(pos.step, **result)
     if cfg.checkpoint.dir:
         checkpoint(cfg, ctx, model, optimizers, pos)
-    return {**result, "step": pos.step, "samples_per_s": trained / train_time if train_time else 0.0}
+    return {**result, "step": pos.step,
+            "samples_per_s": window.trained / window.train_time if window.train_time else 0.0}
 
 
 def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position) -> None:

@@ -105,3 +105,16 @@ def test_errors_name_the_problem(files, tmp_path):
         ParquetLoader([bad], COLUMNS, global_batch_size=8)
     with pytest.raises(DataError, match=r"part-0\.parquet: no column\(s\) nope \(the file has label, rowid"):
         ParquetLoader(files, Columns("label", ["nope"], ["one"]), global_batch_size=8)
+
+
+def test_an_error_in_the_background_thread_reaches_the_consumer():
+    from distrec.data.loader import _background
+
+    def items():
+        yield 1
+        raise DataError("part-7.parquet: broken row group")
+
+    got = _background(items(), depth=2)
+    assert next(got) == 1
+    with pytest.raises(DataError, match="part-7.parquet: broken row group"):
+        next(got)

@@ -21,6 +21,7 @@ import tomli_w
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_CATEGORICAL = [f"C{i}" for i in range(1, 27)]
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
 
 
 class ConfigError(ValueError):
@@ -71,14 +72,24 @@ class ModelConfig:
 
 @dataclass
 class PlanConfig:
-    default: str = "data_parallel"  # placement of every table: replicated on every rank, grads all-reduced
+    """Where each table lives: a plan file, or a built-in placement with per-table overrides."""
+
+    default: str = "row_wise"  # table_wise | row_wise | column_wise | data_parallel
+    file: str = ""  # a plan JSON (sharding.plan.save_plan); overrides everything below
+    table_wise: list[str] = field(default_factory=list)  # tables placed otherwise than the default
+    row_wise: list[str] = field(default_factory=list)
+    column_wise: list[str] = field(default_factory=list)
+    data_parallel: list[str] = field(default_factory=list)
+
+    def overrides(self) -> dict[str, str]:
+        return {name: kind for kind in SHARDING_TYPES for name in getattr(self, kind)}
 
 
 @dataclass
 class OptimizerConfig:
     dense: str = "adam"  # sgd | adagrad | adam, for the MLPs
     dense_lr: float = 1e-3
-    sparse: str = "adagrad"  # sgd | adagrad | adam, for the embedding tables
+    sparse: str = "adagrad"  # sgd | adagrad | rowwise_adagrad | adam (lazy): fused, on the rows' owner
     sparse_lr: float = 0.05
     eps: float = 1e-8
 
@@ -162,9 +173,9 @@ CHOICES = {
     ("tables", "pooling"): ("sum", "mean"),
     ("model", "interaction"): ("dot", "dcn"),
     ("optimizer", "dense"): ("sgd", "adagrad", "adam"),
-    ("optimizer", "sparse"): ("sgd", "adagrad", "adam"),
+    ("optimizer", "sparse"): ("sgd", "adagrad", "rowwise_adagrad", "adam"),
     ("train", "device"): ("auto", "cpu", "cuda"),
-    ("plan", "default"): ("data_parallel",),
+    ("plan", "default"): SHARDING_TYPES,
 }
 
 

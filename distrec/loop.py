@@ -1,6 +1,6 @@
 """The pieces of the training loop: one step, evaluation, and the resumable training state.
 
-    loss_sum = train_step(ddp_model, optimizers, batch.to(device), world_size=2)
+    loss_sum = train_step(ddp_model, embeddings, optimizers, batch.to(device), global_size=8192)
     result = evaluate(model, eval_loader, ctx)   # exact AUC over all ranks' predictions
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 from distrec.data.loader import Batch, ParquetLoader
 from distrec.dist import DistContext
 from distrec.metrics import auc, gather_predictions, logloss
+from sharding.checkpoint import export_shards, import_shards
 
 
 @dataclass
@@ -28,14 +29,17 @@ class Position:
     batch: int = 0
 
 
-def train_step(model: nn.Module, optimizers: list[torch.optim.Optimizer], batch: Batch, global_size: int,
-               world_size: int) -> float:
-    """One step on this rank's part of a global batch of ``global_size`` rows; returns the local loss sum."""
+def train_step(model: nn.Module, embeddings, optimizers: list[torch.optim.Optimizer], batch: Batch,
+               global_size: int) -> float:
+    """One step on this rank's part of a global batch of ``global_size`` rows; returns the local loss sum.
+
+    Each rank's loss is its share of the global-batch mean and every gradient is summed over ranks (DDP
+    with a summing hook, the reversed all-to-all for shards, an all-reduce for replicas), so the result
+    is the gradient of the global mean also when the last partial batch gives ranks unequal rows."""
     logits = model(batch.dense, batch.sparse)
     loss_sum = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="sum")
-    # DDP averages gradients over ranks; this scale makes the result the gradient of the global-batch mean,
-    # also when the last partial batch gives ranks unequal row counts.
-    (loss_sum * (world_size / global_size)).backward()
+    (loss_sum / global_size).backward()
+    embeddings.sync_replica_grads()
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -70,20 +74,31 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def training_state(model: nn.Module, optimizers, pos: Position, ctx: DistContext, config: dict) -> dict:
-    """Everything a resumed run needs; every rank's RNG state is gathered (collective: all ranks call)."""
-    rngs = [rng_state()]
-    if ctx.backend != "none":
-        rngs = [None] * ctx.world_size
-        dist.all_gather_object(rngs, rng_state())
-    return {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+def _gather_to_main(obj, ctx: DistContext) -> list:
+    if ctx.backend == "none":
+        return [obj]
+    out = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def training_state(model: nn.Module, embeddings, optimizers, pos: Position, ctx: DistContext, config: dict) -> dict:
+    """Everything a resumed run needs, on rank 0 (collective: all ranks call). Embedding shards are
+    saved with their global rows and columns, so the state loads under another plan or world size."""
+    shards = _gather_to_main(export_shards(embeddings, optimizers[1]), ctx)
+    rngs = _gather_to_main(rng_state(), ctx)
+    dense = {k: v for k, v in model.state_dict().items() if not k.startswith("embeddings.")}
+    return {"dense": dense, "dense_optimizer": optimizers[0].state_dict(),
+            "shards": [p for rank in shards for p in rank] if ctx.is_main else None,
             "position": vars(pos).copy(), "rng": rngs, "world_size": ctx.world_size, "config": config}
 
 
-def restore(state: dict, model: nn.Module, optimizers, ctx: DistContext) -> Position:
-    model.load_state_dict(state["model"])
-    for opt, s in zip(optimizers, state["optimizers"]):
-        opt.load_state_dict(s)
+def restore(state: dict, model: nn.Module, embeddings, optimizers, ctx: DistContext) -> Position:
+    missing, unexpected = model.load_state_dict(state["dense"], strict=False)
+    if unexpected or any(not k.startswith("embeddings.") for k in missing):
+        raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    optimizers[0].load_state_dict(state["dense_optimizer"])
+    import_shards(embeddings, optimizers[1], state["shards"])
     if ctx.rank < len(state["rng"]):
         set_rng_state(state["rng"][ctx.rank])
     return Position(**state["position"])

@@ -1,4 +1,4 @@
-"""Optimizers: one for the dense MLPs, one for the embedding tables.
+"""Optimizers: a torch optimizer for the dense MLPs, a fused sparse one for the embedding shards.
 
     dense_opt, sparse_opt = make_optimizers(cfg.optimizer, model)
 """
@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from distrec.config import OptimizerConfig
+from sharding.optim import SparseOptimizer
 
 
-def _make(kind: str, params: list[nn.Parameter], lr: float, eps: float) -> torch.optim.Optimizer:
+def _dense(kind: str, params: list[nn.Parameter], lr: float, eps: float) -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if kind == "adagrad":
@@ -20,6 +21,6 @@ def _make(kind: str, params: list[nn.Parameter], lr: float, eps: float) -> torch
 
 def make_optimizers(cfg: OptimizerConfig, model: nn.Module) -> list[torch.optim.Optimizer]:
     """``model`` is the unwrapped DLRM (it knows which parameters are embeddings)."""
-    dense = model.dense_parameters()
     sparse = list(model.embeddings.parameters())
-    return [_make(cfg.dense, dense, cfg.dense_lr, cfg.eps), _make(cfg.sparse, sparse, cfg.sparse_lr, cfg.eps)]
+    return [_dense(cfg.dense, model.dense_parameters(), cfg.dense_lr, cfg.eps),
+            SparseOptimizer(sparse, cfg.sparse, lr=cfg.sparse_lr, eps=cfg.eps)]

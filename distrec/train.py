@@ -11,6 +11,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distrec.checkpoint import load_latest, save_checkpoint
@@ -21,8 +22,10 @@ from distrec.dist import DistContext, all_reduce_sum, init_distributed, shutdown
 from distrec.logs import MetricsLog, write_resolved_config
 from distrec.loop import Position, evaluate, restore, train_step, training_state
 from distrec.model.dlrm import DLRM
-from distrec.model.embedding import IdRangeError, LocalEmbeddings
 from distrec.optim import make_optimizers
+from sharding.plan import describe_plan, load_plan, simple_plan
+from sharding.runtime import InputError, ShardedEmbeddingCollection
+from sharding.types import PlanError, TableConfig
 
 
 def make_loader(cfg: Config, manifest: dict, split: str, ctx: DistContext, train: bool) -> ParquetLoader:
@@ -44,10 +47,21 @@ def check_cardinalities(cfg: Config, manifest: dict, specs) -> None:
                               f"{cfg.data.path} has ids up to {have - 1}; raise tables.cardinalities")
 
 
-def describe_plan(cfg: Config, specs, ctx: DistContext) -> str:
-    mib = sum(s.num_rows * s.dim * 4 for s in specs) / 2**20
-    return (f"plan: {len(specs)} tables {cfg.plan.default} on {ctx.world_size} rank(s) "
-            f"({mib:.1f} MiB of weights per rank), backend {ctx.backend}, device {ctx.device}")
+def _sum_gradients(state, bucket):  # unannotated: DDP checks annotations, which are strings here
+    """DDP communication hook: sum over ranks instead of averaging (see loop.train_step)."""
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+def wrap_dense(model: DLRM, ctx: DistContext):
+    """DDP over the dense part only: embedding shards differ per rank and get their gradients by
+    all-to-all (shards) or all-reduce (replicas) in the sharded runtime."""
+    if ctx.backend == "none":
+        return model
+    ignore = [f"embeddings.{name}" for name, _ in model.embeddings.named_parameters()]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
+    ddp = DDP(model)
+    ddp.register_comm_hook(None, _sum_gradients)
+    return ddp
 
 
 def run(cfg: Config, ctx: DistContext) -> dict:
@@ -55,21 +69,26 @@ def run(cfg: Config, ctx: DistContext) -> dict:
     check_schema(manifest, cfg.schema.label, cfg.schema.dense, cfg.schema.categorical, cfg.source)
     specs = table_specs(cfg, manifest.get("cardinalities"))
     check_cardinalities(cfg, manifest, specs)
+    tables = [TableConfig(s.name, s.num_rows, s.dim, s.pooling) for s in specs]
+    plan = load_plan(cfg.plan.file, tables, ctx.world_size) if cfg.plan.file else \
+        simple_plan(tables, ctx.world_size, cfg.plan.default, cfg.plan.overrides())
     torch.manual_seed(cfg.train.seed)
-    model = DLRM.from_config(cfg, LocalEmbeddings(specs)).to(ctx.device)
+    embeddings = ShardedEmbeddingCollection(tables, plan, rank=ctx.rank, seed=cfg.train.seed, device=ctx.device)
+    model = DLRM.from_config(cfg, embeddings).to(ctx.device)
     optimizers = make_optimizers(cfg.optimizer, model)
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
     pos = Position()
     if cfg.checkpoint.resume and cfg.checkpoint.dir and (state := load_latest(cfg.checkpoint.dir)):
-        pos = restore(state, model, optimizers, ctx)
-    ddp = DDP(model) if ctx.backend != "none" else model
+        pos = restore(state, model, embeddings, optimizers, ctx)
+    ddp = wrap_dense(model, ctx)
     per_epoch = train_loader.num_batches()
     total = per_epoch * cfg.train.epochs if not cfg.train.max_steps else min(cfg.train.max_steps, per_epoch * cfg.train.epochs)
     log = MetricsLog(cfg.logging.dir, ctx.is_main, total, cfg.train.progress_bar, first_step=pos.step)
     if ctx.is_main:
         write_resolved_config(cfg.logging.dir, dump_toml(cfg))
-        log.info(describe_plan(cfg, specs, ctx))
+        log.info(f"plan on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}:\n"
+                 + describe_plan(plan, tables))
         if pos.step:
             log.info(f"resumed from {cfg.checkpoint.dir} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
     result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log)
@@ -110,7 +129,7 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
     while pos.step < total:
         for batch in train_loader.epoch(pos.epoch, pos.batch):
             global_size = min(G, train_loader.num_rows - pos.batch * G)
-            window.loss_sum += train_step(ddp, optimizers, batch.to(ctx.device), global_size, ctx.world_size)
+            window.loss_sum += train_step(ddp, model.embeddings, optimizers, batch.to(ctx.device), global_size)
             window.rows += len(batch)
             pos.step, pos.batch = pos.step + 1, pos.batch + 1
             log.step()
@@ -136,8 +155,8 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
 
 
 def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position) -> None:
-    state = training_state(model, optimizers, pos, ctx, to_dict(cfg))
-    if ctx.is_main:  # the whole model is replicated, so rank 0's copy is the checkpoint
+    state = training_state(model, model.embeddings, optimizers, pos, ctx, to_dict(cfg))
+    if ctx.is_main:
         save_checkpoint(cfg.checkpoint.dir, pos.step, state, keep=cfg.checkpoint.keep)
     if ctx.backend != "none":
         torch.distributed.barrier()
@@ -164,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             print(summary_line(result), flush=True)
         return 0
-    except (ConfigError, DataError, IdRangeError) as e:
+    except (ConfigError, DataError, PlanError, InputError) as e:
         rank = f"[rank {ctx.rank}] " if ctx and ctx.world_size > 1 else ""
         print(f"distrec.train: error: {rank}{e}", file=sys.stderr, flush=True)
         return 2

@@ -36,7 +36,10 @@ def test_trains_logs_and_evaluates(small_data, tmp_path, capsys):
 
 
 def _final_weights(ckpt_dir):
-    return ckpt.load_latest(ckpt_dir)["model"]
+    state = ckpt.load_latest(ckpt_dir)
+    shards = {f"{p['table']}{p['rows']}{p['cols']}": p["weight"] for p in state["shards"]}
+    opt_state = {f"{p['table']}{p['rows']}/{k}": v for p in state["shards"] for k, v in p["state"].items()}
+    return {**state["dense"], **shards, **opt_state}
 
 
 def test_resume_continues_to_the_same_result(small_data, tmp_path):

@@ -1,0 +1,80 @@
+"""Shard-level checkpoint state with global offsets, and loading it under another plan or world size.
+
+    saved = export_shards(emb, opt)                  # this rank's shards: weights + optimizer state
+    import_shards(emb, opt, saved_from_all_ranks)    # any plan, any world size: rows/cols are global
+
+Each entry names its table and the global rows and columns it covers, so a loader fills each of its
+shards from whichever saved pieces overlap it (resharding N -> M). Per-row optimizer state of a
+column shard (row-wise Adagrad) is taken from the saved piece that covers the row.
+"""
+from __future__ import annotations
+
+import torch
+
+from sharding.optim import SparseOptimizer, state_names
+from sharding.runtime import ShardedEmbeddingCollection
+from sharding.types import PlanError, Shard
+
+
+def _state_slice(opt: SparseOptimizer, param, start: int, rows: int, kind: str) -> dict:
+    state = opt.state.get(param, {})
+    out = {}
+    for name, rule in state_names(kind).items():
+        if name in state:
+            out[name] = state[name].clone() if rule == "scalar" else state[name][start:start + rows].clone()
+    return out
+
+
+def export_shards(emb: ShardedEmbeddingCollection, opt: SparseOptimizer) -> list[dict]:
+    kind = opt.param_groups[0]["kind"]
+    return [{"table": name, "rows": (s.row_start, s.row_end), "cols": (s.col_start, s.col_end),
+             "weight": w[start:start + s.num_rows].detach().clone(),
+             "state": _state_slice(opt, w, start, s.num_rows, kind)}
+            for name, s, w, start in emb.held_shards()]
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, hi) if lo < hi else None
+
+
+def _fill(name: str, s: Shard, target: dict[str, torch.Tensor], pieces: list[dict]) -> None:
+    """Copy every saved piece's overlap with shard ``s`` into ``target`` (weight and state views)."""
+    covered = torch.zeros(s.num_rows, s.width, dtype=torch.bool)
+    for piece in (p for p in pieces if p["table"] == name):
+        rows, cols = _overlap(piece["rows"], (s.row_start, s.row_end)), _overlap(piece["cols"], (s.col_start, s.col_end))
+        if rows is None or cols is None:
+            continue
+        src_r = slice(rows[0] - piece["rows"][0], rows[1] - piece["rows"][0])
+        src_c = slice(cols[0] - piece["cols"][0], cols[1] - piece["cols"][0])
+        dst_r, dst_c = slice(rows[0] - s.row_start, rows[1] - s.row_start), slice(cols[0] - s.col_start, cols[1] - s.col_start)
+        for key, view in target.items():
+            saved = piece["weight"] if key == "weight" else piece["state"].get(key)
+            if saved is None:
+                continue
+            if saved.dim() == 0:
+                view.copy_(saved)
+            elif saved.dim() == 1:
+                view[dst_r] = saved[src_r]
+            else:
+                view[dst_r, dst_c] = saved[src_r, src_c]
+        covered[dst_r, dst_c] = True
+    if not bool(covered.all()):
+        missing = (~covered).nonzero()[0].tolist()
+        raise PlanError(f"checkpoint has no values for table {name} row {s.row_start + missing[0]}, "
+                        f"column {s.col_start + missing[1]}")
+
+
+@torch.no_grad()
+def import_shards(emb: ShardedEmbeddingCollection, opt: SparseOptimizer, pieces: list[dict]) -> None:
+    kind = opt.param_groups[0]["kind"]
+    for name, s, w, start in emb.held_shards():
+        state = opt.state[w]
+        if not state:
+            for key, rule in state_names(kind).items():
+                state[key] = torch.tensor(0.0) if rule == "scalar" else (
+                    w.new_zeros(w.shape[0]) if rule == "row" else torch.zeros_like(w))
+        target = {"weight": w[start:start + s.num_rows]}
+        for key, rule in state_names(kind).items():
+            target[key] = state[key] if rule == "scalar" else state[key][start:start + s.num_rows]
+        _fill(name, s, target, pieces)

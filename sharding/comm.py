@@ -1,0 +1,47 @@
+"""All-to-all exchanges for the sharded runtime, differentiable where gradients flow back.
+
+    out = all_to_all(flat, send_splits=[6, 2], recv_splits=[6, 4], group=None)   # autograd-aware
+
+With one rank (no process group) every exchange is the identity, so the runtime needs no special case.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size(group) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def exchange(t: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    """``all_to_all_single`` of a 1-D tensor: rank r's piece ``i`` goes to rank ``i``."""
+    if world_size(group) == 1:
+        return t
+    out = t.new_empty(sum(recv_splits))
+    dist.all_to_all_single(out, t.contiguous(), recv_splits, send_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Forward sends pieces to their ranks; backward sends their gradients back the same way reversed."""
+
+    @staticmethod
+    def forward(ctx, t, send_splits, recv_splits, group):
+        ctx.splits, ctx.group = (send_splits, recv_splits), group
+        return exchange(t, send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits = ctx.splits
+        return exchange(grad, recv_splits, send_splits, ctx.group), None, None, None
+
+
+def all_to_all(t: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None) -> torch.Tensor:
+    return _AllToAll.apply(t, send_splits, recv_splits, group)
+
+
+def all_reduce_(t: torch.Tensor, group=None) -> torch.Tensor:
+    if world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t

@@ -1,0 +1,163 @@
+"""Fused sparse optimizers for embedding shards.
+
+The optimizer runs on the rank that owns the rows: it reads the (row-sparse) gradient
+of a shard, updates only the rows that gradient touches, and keeps its state tensors
+next to the shard (same rows, same device), so a checkpoint can slice them by row.
+
+    weight = torch.nn.Parameter(torch.randn(50, 6))
+    opt = SparseOptimizer([weight], kind="rowwise_adagrad", lr=0.1)
+    out = F.embedding_bag(torch.tensor([3, 3, 7]), weight, torch.tensor([0, 2]),
+                          mode="sum", sparse=True)
+    out.sum().backward()
+    opt.step()          # rows 3 and 7 change; state["row_sum"] has shape [50]
+
+Kinds and their update of a touched row r with summed gradient g (no weight decay):
+
+- ``sgd``:             w[r] -= lr * g
+- ``adagrad``:         s[r] += g**2;  w[r] -= lr * g / (sqrt(s[r]) + eps)
+                       (``torch.optim.Adagrad`` with sparse grads; eps outside the sqrt,
+                       as in fbgemm's EXACT_ADAGRAD)
+- ``rowwise_adagrad``: s[r] += mean(g**2);  w[r] -= g * lr / (sqrt(s[r]) + eps)
+                       (fbgemm's EXACT_ROWWISE_ADAGRAD; one accumulator per row)
+- ``adam``:            lazy Adam, ``torch.optim.SparseAdam``: m, v and w of untouched rows
+                       stay as they are; the bias correction uses a per-param step count.
+
+Gradients: a sparse COO ``.grad`` (as ``F.embedding_bag(..., sparse=True)`` produces,
+duplicates allowed) is coalesced first, so each row gets exactly one update per step.
+A dense ``.grad`` is accepted too: a row counts as touched iff its gradient row has a
+nonzero entry. That matters only for ``adam``, where an all-zero row is left alone
+rather than having its moments decayed as dense Adam would do.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+KINDS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+
+
+def state_names(kind: str) -> dict[str, str]:
+    """Per-param state tensors of ``kind`` and how each one lines up with the weight.
+
+    "row_col": same shape as the weight [rows, width]; "row": [rows]; "scalar": one
+    value for the whole shard (never sliced when resharding by rows).
+    """
+    _check_kind(kind)
+    if kind == "adagrad":
+        return {"sum": "row_col"}
+    if kind == "rowwise_adagrad":
+        return {"row_sum": "row"}
+    if kind == "adam":
+        return {"step": "scalar", "exp_avg": "row_col", "exp_avg_sq": "row_col"}
+    return {}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown sparse optimizer kind {kind!r}; expected one of {KINDS}")
+
+
+class SparseOptimizer(torch.optim.Optimizer):
+    """Row-sparse SGD / Adagrad / row-wise Adagrad / lazy Adam over [rows, width] weights."""
+
+    def __init__(self, params, kind: str, lr: float, eps: float = 1e-8,
+                 betas: tuple[float, float] = (0.9, 0.999)):
+        _check_kind(kind)
+        if lr < 0.0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if eps < 0.0:
+            raise ValueError(f"invalid eps {eps}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid betas {betas}")
+        # kind lives in the param group so a saved state_dict says what its state means.
+        super().__init__(params, dict(kind=kind, lr=lr, eps=eps, betas=tuple(betas)))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            _check_kind(group["kind"])
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group)
+        return loss
+
+    def _step_param(self, p: Tensor, group: dict) -> None:
+        if p.dim() != 2:
+            raise ValueError(f"sparse optimizer expects [rows, width] weights, got {tuple(p.shape)}")
+        kind = group["kind"]
+        state = self.state[p]
+        if not state:
+            _init_state(state, p, kind)
+        if kind == "adam":
+            # Counted even when no row is touched, as torch.optim.SparseAdam does.
+            state["step"] += 1
+        rows, g = _touched_rows(p.grad)
+        if rows.numel() == 0:
+            return
+        if kind == "sgd":
+            p.index_add_(0, rows, g, alpha=-group["lr"])
+        elif kind == "adagrad":
+            _adagrad(p, rows, g, state["sum"], group)
+        elif kind == "rowwise_adagrad":
+            _rowwise_adagrad(p, rows, g, state["row_sum"], group)
+        else:
+            _adam(p, rows, g, state, group)
+
+
+def _init_state(state: dict, p: Tensor, kind: str) -> None:
+    for name, rule in state_names(kind).items():
+        if rule == "scalar":
+            # float32 like torch's own optimizers; load_state_dict leaves "step" uncast.
+            state[name] = torch.tensor(0.0, dtype=torch.float32)
+        elif rule == "row":
+            state[name] = p.new_zeros(p.shape[0])
+        else:
+            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    """(unique row ids, their summed gradient rows), without densifying a sparse grad."""
+    if grad.is_sparse:
+        if grad.sparse_dim() != 1:
+            raise ValueError("sparse grad must be row-sparse (sparse_dim 1), as embedding_bag makes")
+        # The updates are nonlinear in g, so duplicate rows must be summed before use.
+        grad = grad.coalesce()
+        return grad.indices()[0], grad.values()
+    rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
+    return rows, grad.index_select(0, rows)
+
+
+def _adagrad(p: Tensor, rows: Tensor, g: Tensor, state_sum: Tensor, group: dict) -> None:
+    s = state_sum.index_select(0, rows).add_(g * g)
+    state_sum.index_copy_(0, rows, s)
+    p.index_add_(0, rows, g / s.sqrt_().add_(group["eps"]), alpha=-group["lr"])
+
+
+def _rowwise_adagrad(p: Tensor, rows: Tensor, g: Tensor, row_sum: Tensor, group: dict) -> None:
+    s = row_sum.index_select(0, rows).add_(g.pow(2).mean(dim=1))
+    row_sum.index_copy_(0, rows, s)
+    # Same association as fbgemm's CPU kernel: one multiplier per row, then g * multiplier.
+    multiplier = group["lr"] / (s.sqrt() + group["eps"])
+    p.index_add_(0, rows, g * multiplier.unsqueeze(1), alpha=-1.0)
+
+
+def _adam(p: Tensor, rows: Tensor, g: Tensor, state: dict, group: dict) -> None:
+    # Written as torch.optim._functional.sparse_adam computes it (old + (new - old) * (1 - b))
+    # so the results agree with torch.optim.SparseAdam bit for bit, not just approximately.
+    beta1, beta2 = group["betas"]
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    m_old = exp_avg.index_select(0, rows)
+    v_old = exp_avg_sq.index_select(0, rows)
+    m = g.sub(m_old).mul_(1 - beta1).add_(m_old)
+    v = g.pow(2).sub_(v_old).mul_(1 - beta2).add_(v_old)
+    exp_avg.index_copy_(0, rows, m)
+    exp_avg_sq.index_copy_(0, rows, v)
+    t = int(state["step"].item())
+    step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+    p.index_add_(0, rows, -step_size * m.div_(v.sqrt_().add_(group["eps"])))

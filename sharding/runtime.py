@@ -1,0 +1,267 @@
+"""The sharded embedding runtime: executes a plan for a collection of embedding-bag tables across ranks.
+
+    emb = ShardedEmbeddingCollection(tables, plan, rank=dist.get_rank(), seed=0)
+    pooled = emb(jagged_batch)            # [local batch, sum of dims], tables in order
+
+Every sharding type is a set of shards (rank, row range, column range), and one forward is the same three
+steps for all of them:
+
+1. input dist: each feature's bags are cut per shard (row-wise: the ids in the shard's row range, shifted
+   to shard-local rows; table- and column-wise: the whole bag) and sent to the shard's rank; counts go
+   first, then lengths and ids in one ``all_to_all_single``, then per-sample weights if any;
+2. local lookup: the owner pools every received bag of all its shards in one fused ``embedding_bag``
+   per shard width (not a loop over tables);
+3. output dist: pooled vectors go back to the ranks that own the samples (differentiable all-to-all)
+   and are added into the output columns: column shards land side by side, row-wise partial sums add up.
+
+Data-parallel tables are replicas looked up locally; ``sync_replica_grads`` all-reduces their gradients.
+Gradients of sharded rows come back through the reversed all-to-all as sparse gradients on the owner,
+so no dense gradient the size of a table is ever made; ``sharding.optim`` updates the touched rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sharding.comm import all_reduce_, all_to_all, exchange, world_size
+from sharding.init import init_rows
+from sharding.jagged import JaggedBatch
+from sharding.plan import validate_plan
+from sharding.types import PlanError, Shard, ShardingPlan, ShardingType, TableConfig
+
+ERR_NONE, ERR_KEYS, ERR_RANGE = 0, 1, 2
+COUNT_FIELDS = 6  # batch size, ids sent, has weights, error code, feature index, bad id
+
+
+class InputError(ValueError):
+    """Bad input seen by some rank; raised on every rank so that none is left waiting in a collective."""
+
+
+@dataclass(frozen=True)
+class _Placed:
+    """A shard of table ``table`` (index into the table list), as the runtime places it."""
+
+    table: int
+    shard: Shard
+    row_wise: bool
+
+
+class _FusedWeights(nn.Module):
+    """Shards grouped by width, each group one weight; ``row_offset[i]`` locates shard i in its group."""
+
+    def __init__(self, placed: list[_Placed], tables: list[TableConfig], seed: int):
+        super().__init__()
+        self.widths = sorted({p.shard.width for p in placed})
+        self.group = [self.widths.index(p.shard.width) for p in placed]
+        self.weights, self.row_offset = nn.ParameterList(), [0] * len(placed)
+        for g in range(len(self.widths)):
+            blocks, start = [], 0
+            for i in (i for i in range(len(placed)) if self.group[i] == g):
+                p, t = placed[i], tables[placed[i].table]
+                blocks.append(init_rows(seed, p.table, t.num_rows, t.dim, (p.shard.row_start, p.shard.row_end),
+                                        (p.shard.col_start, p.shard.col_end)))
+                self.row_offset[i], start = start, start + p.shard.num_rows
+            self.weights.append(nn.Parameter(torch.cat(blocks)))
+
+    def pool(self, shard_of_bag: torch.Tensor, lengths: torch.Tensor, values: torch.Tensor,
+             weights: torch.Tensor | None) -> torch.Tensor:
+        """Sum-pool each bag with its shard; returns the pooled rows flattened in bag order."""
+        device = values.device
+        group = torch.tensor(self.group, dtype=torch.int64, device=device)[shard_of_bag]
+        offset = torch.tensor(self.row_offset, dtype=torch.int64, device=device)[shard_of_bag]
+        width_of_bag = torch.tensor(self.widths, dtype=torch.int64, device=device)[group]
+        bag_start = torch.cumsum(width_of_bag, 0) - width_of_bag
+        positions, pooled = [], []
+        for g, width in enumerate(self.widths):
+            in_group = group == g
+            keep = torch.repeat_interleave(in_group, lengths)
+            ids = values[keep] + torch.repeat_interleave(offset[in_group], lengths[in_group])
+            offsets = torch.cumsum(lengths[in_group], 0) - lengths[in_group]
+            psw = weights[keep] if weights is not None else None
+            out = F.embedding_bag(ids, self.weights[g], offsets, mode="sum", per_sample_weights=psw, sparse=True)
+            positions.append((bag_start[in_group][:, None] + torch.arange(width, device=device)).reshape(-1))
+            pooled.append(out.reshape(-1))
+        total = int(width_of_bag.sum())
+        if not pooled:
+            return torch.zeros(total, device=device)
+        return torch.zeros(total, device=device, dtype=pooled[0].dtype).index_copy(
+            0, torch.cat(positions), torch.cat(pooled))
+
+
+class ShardedEmbeddingCollection(nn.Module):
+    def __init__(self, tables: list[TableConfig], plan: ShardingPlan, rank: int = 0, group=None, seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.world = world_size(group)
+        validate_plan(plan, tables, self.world)
+        self.tables, self.rank, self.group = list(tables), rank, group
+        self.names = [t.name for t in tables]
+        self.dims = [t.dim for t in tables]
+        self.col_offset = [sum(self.dims[:i]) for i in range(len(tables))]
+        kinds = [plan.tables[t.name].sharding_type for t in tables]
+        # Per destination rank, its shards in one canonical order every rank agrees on.
+        self.dst_shards = [[_Placed(i, s, kinds[i] == ShardingType.ROW_WISE)
+                            for i, t in enumerate(tables) if kinds[i] != ShardingType.DATA_PARALLEL
+                            for s in plan.tables[t.name].shards if s.rank == d] for d in range(self.world)]
+        self.local = _FusedWeights(self.dst_shards[rank], tables, seed)
+        self.replicated = [i for i, k in enumerate(kinds) if k == ShardingType.DATA_PARALLEL]
+        self.replicas = _FusedWeights([_Placed(i, plan.tables[tables[i].name].shards[0], False)
+                                       for i in self.replicated], tables, seed)
+        self.recv_width = [sum(p.shard.width for p in shards) for shards in self.dst_shards]
+        self.has_mean = any(t.pooling == "mean" for t in tables)
+        self._index_cache: dict[int, torch.Tensor] = {}
+        self.to(device)
+
+    # ---- input dist -------------------------------------------------------------------------------
+    def _check(self, sparse: JaggedBatch) -> tuple[int, int, int]:
+        if sparse.keys != self.names:
+            return ERR_KEYS, 0, 0
+        per_key = torch.split(sparse.values, sparse.length_per_key())
+        for i, (t, ids) in enumerate(zip(self.tables, per_key)):
+            if ids.numel():
+                bad = ids[(ids < 0) | (ids >= t.num_rows)]
+                if bad.numel():
+                    return ERR_RANGE, i, int(bad[0])
+        return ERR_NONE, 0, 0
+
+    def _bucketize(self, sparse: JaggedBatch):
+        """Per destination rank: (lengths, ids, weights) of every bag of its shards, in canonical order."""
+        batch = sparse.batch_size
+        lengths = sparse.lengths.view(len(self.tables), batch)
+        per_key = torch.split(sparse.values, sparse.length_per_key())
+        weights = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
+        bag_of_id = [torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths[t])
+                     for t in range(len(self.tables))]
+        out = []
+        for shards in self.dst_shards:
+            lens, ids, wts = [], [], []
+            for p in shards:
+                v, n = per_key[p.table], lengths[p.table]
+                w = weights[p.table] if weights is not None else None
+                if p.row_wise:
+                    keep = (v >= p.shard.row_start) & (v < p.shard.row_end)
+                    v, w = v[keep] - p.shard.row_start, (w[keep] if w is not None else None)
+                    n = torch.zeros_like(n).index_add_(0, bag_of_id[p.table][keep], torch.ones_like(v))
+                lens.append(n)
+                ids.append(v)
+                wts.append(w if w is not None else torch.ones(v.numel(), device=v.device))
+            out.append((lens, ids, wts))
+        return out
+
+    def _exchange_counts(self, sparse: JaggedBatch, buckets) -> torch.Tensor:
+        err = self._check(sparse)
+        rows = [[sparse.batch_size, sum(int(v.numel()) for v in ids), int(sparse.weights is not None), *err]
+                for _, ids, _ in buckets]
+        send = torch.tensor(rows, dtype=torch.int64).reshape(-1)
+        got = exchange(send, [COUNT_FIELDS] * self.world, [COUNT_FIELDS] * self.world, self.group)
+        return got.view(self.world, COUNT_FIELDS)
+
+    def _raise_input_errors(self, counts: torch.Tensor) -> None:
+        for src in range(self.world):
+            code, feature, bad = (int(x) for x in counts[src, 3:])
+            if code == ERR_KEYS:
+                raise InputError(f"rank {src}: batch feature keys do not match the plan's tables {self.names}")
+            if code == ERR_RANGE:
+                t = self.tables[feature]
+                raise InputError(f"rank {src}: feature {t.name}: id {bad} is out of range for table {t.name} "
+                                 f"with {t.num_rows} rows")
+
+    def _input_dist(self, sparse: JaggedBatch):
+        """Send every bag to its shard's owner; returns what this rank owns: per source rank its batch
+        size, and the received (lengths, ids, weights) in (source, shard, sample) order."""
+        buckets = self._bucketize(sparse) if sparse.keys == self.names else [([], [], [])] * self.world
+        counts = self._exchange_counts(sparse, buckets)
+        self._raise_input_errors(counts)
+        batch_sizes, id_counts = counts[:, 0].tolist(), counts[:, 1].tolist()
+        mine = len(self.dst_shards[self.rank])
+        payload = [torch.cat([*lens, *ids]) if lens else torch.zeros(0, dtype=torch.int64) for lens, ids, _ in buckets]
+        send = [p.numel() for p in payload]
+        recv = [mine * b + n for b, n in zip(batch_sizes, id_counts)]
+        got = torch.split(exchange(torch.cat(payload), send, recv, self.group), recv)
+        lengths = torch.cat([g[:mine * b] for g, b in zip(got, batch_sizes)])
+        values = torch.cat([g[mine * b:] for g, b in zip(got, batch_sizes)])
+        weights = None
+        if counts[:, 2].any():
+            wsend = [torch.cat(w) if w else torch.zeros(0) for _, _, w in buckets]
+            weights = exchange(torch.cat(wsend), [w.numel() for w in wsend], id_counts, self.group)
+        shard_of_bag = torch.cat([torch.arange(mine).repeat_interleave(b) for b in batch_sizes])
+        return batch_sizes, shard_of_bag, lengths, values, weights
+
+    # ---- output dist ------------------------------------------------------------------------------
+    def _out_index(self, batch: int) -> torch.Tensor:
+        """Where each received pooled value goes in the flattened [batch, sum(dims)] output."""
+        if batch not in self._index_cache:
+            total, parts = sum(self.dims), []
+            rows = torch.arange(batch)[:, None] * total
+            for shards in self.dst_shards:
+                for p in shards:
+                    start = self.col_offset[p.table] + p.shard.col_start
+                    parts.append((rows + start + torch.arange(p.shard.width)).reshape(-1))
+            for i in self.replicated:
+                parts.append((rows + self.col_offset[i] + torch.arange(self.dims[i])).reshape(-1))
+            self._index_cache[batch] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        return self._index_cache[batch]
+
+    def _replica_lookup(self, sparse: JaggedBatch) -> torch.Tensor:
+        if not self.replicated:
+            return torch.zeros(0)
+        batch = sparse.batch_size
+        lengths = sparse.lengths.view(len(self.tables), batch)
+        per_key = torch.split(sparse.values, sparse.length_per_key())
+        weights = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
+        shard_of_bag = torch.arange(len(self.replicated)).repeat_interleave(batch)
+        w = torch.cat([weights[i] for i in self.replicated]) if weights is not None else None
+        return self.replicas.pool(shard_of_bag, lengths[self.replicated].reshape(-1),
+                                  torch.cat([per_key[i] for i in self.replicated]), w)
+
+    def _mean_divisor(self, sparse: JaggedBatch) -> torch.Tensor:
+        lengths = sparse.lengths.view(len(self.tables), -1).t().clamp(min=1).to(torch.float32)
+        ones = torch.ones_like(lengths)
+        per_table = torch.where(torch.tensor([t.pooling == "mean" for t in self.tables]), lengths, ones)
+        return per_table.repeat_interleave(torch.tensor(self.dims), dim=1)
+
+    def forward(self, sparse: JaggedBatch) -> torch.Tensor:
+        batch = sparse.batch_size
+        batch_sizes, shard_of_bag, lengths, values, weights = self._input_dist(sparse)
+        pooled = self.local.pool(shard_of_bag, lengths, values, weights)
+        w_mine = self.recv_width[self.rank]
+        received = all_to_all(pooled, [b * w_mine for b in batch_sizes], [batch * w for w in self.recv_width],
+                              self.group)
+        source = torch.cat([received, self._replica_lookup(sparse)])
+        out = torch.zeros(batch * sum(self.dims), dtype=source.dtype).index_add(0, self._out_index(batch), source)
+        out = out.view(batch, sum(self.dims))
+        return out / self._mean_divisor(sparse) if self.has_mean else out
+
+    # ---- gradients of replicas --------------------------------------------------------------------
+    def sync_replica_grads(self) -> None:
+        """Sum data-parallel tables' gradients over ranks, keeping the rows any rank touched (so lazy
+        optimizers see the same rows as with one rank). Call after backward, before the optimizer."""
+        if self.world == 1:
+            return
+        for p in self.replicas.weights:
+            if p.grad is None:
+                continue  # every rank looks up every replica each step, so all ranks agree on this
+            g = p.grad.coalesce()
+            dense = torch.zeros(p.shape[0], p.shape[1] + 1, dtype=p.dtype)
+            dense[g.indices()[0], :-1] = g.values()
+            dense[g.indices()[0], -1] = 1.0
+            all_reduce_(dense, self.group)
+            rows = torch.nonzero(dense[:, -1]).reshape(-1)
+            p.grad = torch.sparse_coo_tensor(rows[None], dense[rows, :-1], p.shape)
+
+    def held_shards(self) -> list[tuple[str, Shard, nn.Parameter, int]]:
+        """(table, shard, fused weight, first row in it) for every shard and replica held here."""
+        replicas = [_Placed(i, Shard(self.rank, 0, self.tables[i].num_rows, 0, self.dims[i]), False)
+                    for i in self.replicated]
+        out = []
+        for fused, placed in ((self.local, self.dst_shards[self.rank]), (self.replicas, replicas)):
+            for i, p in enumerate(placed):
+                out.append((self.names[p.table], p.shard, fused.weights[fused.group[i]], fused.row_offset[i]))
+        return out
+
+    def shard_weights(self) -> list[tuple[str, Shard, torch.Tensor]]:
+        """(table, shard, this rank's rows of it) for every shard and replica held here."""
+        return [(name, s, w[start:start + s.num_rows]) for name, s, w, start in self.held_shards()]

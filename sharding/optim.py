@@ -126,9 +126,14 @@ def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     if grad.is_sparse:
         if grad.sparse_dim() != 1:
             raise ValueError("sparse grad must be row-sparse (sparse_dim 1), as embedding_bag makes")
-        # The updates are nonlinear in g, so duplicate rows must be summed before use.
-        grad = grad.coalesce()
-        return grad.indices()[0], grad.values()
+        # The updates are nonlinear in g, so duplicate rows must be summed before use. unique +
+        # index_add does that several times faster than coalesce() on CPU.
+        if grad.is_coalesced():
+            return grad.indices()[0], grad.values()
+        rows, inverse = torch.unique(grad._indices()[0], return_inverse=True)
+        values = grad._values()
+        summed = values.new_zeros(rows.numel(), *grad.shape[1:]).index_add_(0, inverse, values)
+        return rows, summed
     rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)
     return rows, grad.index_select(0, rows)
 

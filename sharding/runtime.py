@@ -70,6 +70,12 @@ class _FusedWeights(nn.Module):
              weights: torch.Tensor | None) -> torch.Tensor:
         """Sum-pool each bag with its shard; returns the pooled rows flattened in bag order."""
         device = values.device
+        if len(self.widths) == 1:  # one width: the bags are already in output order
+            offset = torch.tensor(self.row_offset, dtype=torch.int64, device=device)[shard_of_bag]
+            ids = values + torch.repeat_interleave(offset, lengths)
+            out = F.embedding_bag(ids, self.weights[0], torch.cumsum(lengths, 0) - lengths, mode="sum",
+                                  per_sample_weights=weights, sparse=True)
+            return out.reshape(-1)
         group = torch.tensor(self.group, dtype=torch.int64, device=device)[shard_of_bag]
         offset = torch.tensor(self.row_offset, dtype=torch.int64, device=device)[shard_of_bag]
         width_of_bag = torch.tensor(self.widths, dtype=torch.int64, device=device)[group]
@@ -112,7 +118,6 @@ class ShardedEmbeddingCollection(nn.Module):
                                        for i in self.replicated], tables, seed)
         self.recv_width = [sum(p.shard.width for p in shards) for shards in self.dst_shards]
         self.has_mean = any(t.pooling == "mean" for t in tables)
-        self._index_cache: dict[int, torch.Tensor] = {}
         self.to(device)
 
     # ---- input dist -------------------------------------------------------------------------------
@@ -133,8 +138,8 @@ class ShardedEmbeddingCollection(nn.Module):
         lengths = sparse.lengths.view(len(self.tables), batch)
         per_key = torch.split(sparse.values, sparse.length_per_key())
         weights = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
-        bag_of_id = [torch.repeat_interleave(torch.arange(batch, device=lengths.device), lengths[t])
-                     for t in range(len(self.tables))]
+        zero = lengths.new_zeros(len(self.tables), 1)
+        ends = torch.cat([zero, torch.cumsum(lengths, 1)], 1)  # bag boundaries within each feature
         out = []
         for shards in self.dst_shards:
             lens, ids, wts = [], [], []
@@ -144,7 +149,8 @@ class ShardedEmbeddingCollection(nn.Module):
                 if p.row_wise:
                     keep = (v >= p.shard.row_start) & (v < p.shard.row_end)
                     v, w = v[keep] - p.shard.row_start, (w[keep] if w is not None else None)
-                    n = torch.zeros_like(n).index_add_(0, bag_of_id[p.table][keep], torch.ones_like(v))
+                    kept = torch.cat([keep.new_zeros(1, dtype=torch.int64), torch.cumsum(keep, 0)])
+                    n = kept[ends[p.table, 1:]] - kept[ends[p.table, :-1]]
                 lens.append(n)
                 ids.append(v)
                 wts.append(w if w is not None else torch.ones(v.numel(), device=v.device))
@@ -191,19 +197,23 @@ class ShardedEmbeddingCollection(nn.Module):
         return batch_sizes, shard_of_bag, lengths, values, weights
 
     # ---- output dist ------------------------------------------------------------------------------
-    def _out_index(self, batch: int) -> torch.Tensor:
-        """Where each received pooled value goes in the flattened [batch, sum(dims)] output."""
-        if batch not in self._index_cache:
-            total, parts = sum(self.dims), []
-            rows = torch.arange(batch)[:, None] * total
-            for shards in self.dst_shards:
-                for p in shards:
-                    start = self.col_offset[p.table] + p.shard.col_start
-                    parts.append((rows + start + torch.arange(p.shard.width)).reshape(-1))
-            for i in self.replicated:
-                parts.append((rows + self.col_offset[i] + torch.arange(self.dims[i])).reshape(-1))
-            self._index_cache[batch] = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-        return self._index_cache[batch]
+    def _combine(self, received: torch.Tensor, replicas: torch.Tensor, batch: int) -> torch.Tensor:
+        """[batch, sum(dims)] from the pooled pieces: a table's column shards side by side in column
+        order, its row shards' partial sums added, its replica as looked up here."""
+        pieces: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.tables]
+        flat = torch.split(received, [batch * p.shard.width for shards in self.dst_shards for p in shards])
+        placed = [p for shards in self.dst_shards for p in shards]
+        for p, piece in zip(placed, flat):
+            pieces[p.table].append((p.shard.col_start, piece.view(batch, p.shard.width)))
+        for i, piece in zip(self.replicated, torch.split(replicas, [batch * self.dims[i] for i in self.replicated])):
+            pieces[i].append((0, piece.view(batch, self.dims[i])))
+        out = []
+        for t, table_pieces in enumerate(pieces):
+            by_col: dict[int, torch.Tensor] = {}
+            for col, piece in table_pieces:  # row-wise shards share a column range: their sums add up
+                by_col[col] = by_col[col] + piece if col in by_col else piece
+            out.append(torch.cat([by_col[c] for c in sorted(by_col)], dim=1) if len(by_col) > 1 else by_col[0])
+        return torch.cat(out, dim=1)
 
     def _replica_lookup(self, sparse: JaggedBatch) -> torch.Tensor:
         if not self.replicated:
@@ -230,9 +240,7 @@ class ShardedEmbeddingCollection(nn.Module):
         w_mine = self.recv_width[self.rank]
         received = all_to_all(pooled, [b * w_mine for b in batch_sizes], [batch * w for w in self.recv_width],
                               self.group)
-        source = torch.cat([received, self._replica_lookup(sparse)])
-        out = torch.zeros(batch * sum(self.dims), dtype=source.dtype).index_add(0, self._out_index(batch), source)
-        out = out.view(batch, sum(self.dims))
+        out = self._combine(received, self._replica_lookup(sparse), batch)
         return out / self._mean_divisor(sparse) if self.has_mean else out
 
     # ---- gradients of replicas --------------------------------------------------------------------

@@ -6,12 +6,15 @@ import pytest
 from tests.conftest import run_cli
 
 
-def trajectory(cfg_path, data, out, world):
+MIXED = ['--plan.table_wise=["c2"]', '--plan.column_wise=["c1"]', '--plan.data_parallel=["c3"]']
+
+
+def trajectory(cfg_path, data, out, world, *extra, steps=50):
     r = run_cli("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "distrec.train",
                 "--config", str(cfg_path), f"--data.path={data}", f"--logging.dir={out}",
                 # 6000 rows / 252 = 23 full batches + one of 204 rows: the partial batch is in the trajectory
-                "--train.global_batch_size=252", "--train.max_steps=50", "--train.epochs=3",
-                "--train.log_every_steps=1", "--eval.every_steps=25", "--eval.batch_size=500")
+                "--train.global_batch_size=252", f"--train.max_steps={steps}", "--train.epochs=3",
+                "--train.log_every_steps=1", "--eval.every_steps=25", "--eval.batch_size=500", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return ([x["loss"] for x in recs if x["kind"] == "train"],
@@ -24,16 +27,30 @@ def one_rank(small_data, tmp_path_factory):
     return trajectory(cfg_path, data, tmp_path_factory.mktemp("w1"), 1)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_same_loss_trajectory_and_eval_as_one_rank(small_data, one_rank, tmp_path, world):
-    cfg_path, data = small_data
-    losses, evals, stdout = trajectory(cfg_path, data, tmp_path, world)
-    ref_losses, ref_evals, _ = one_rank
+def assert_same_losses(losses, ref_losses):
     assert len(losses) == len(ref_losses) == 50
     for step, (a, b) in enumerate(zip(losses, ref_losses), 1):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: {a} vs {b}"
+
+
+@pytest.mark.parametrize("world,plan", [(2, []), (3, []), (2, MIXED)], ids=["2-row_wise", "3-row_wise", "2-mixed"])
+def test_same_loss_trajectory_and_eval_as_one_rank(small_data, one_rank, tmp_path, world, plan):
+    cfg_path, data = small_data
+    losses, evals, stdout = trajectory(cfg_path, data, tmp_path, world, *plan)
+    ref_losses, ref_evals, _ = one_rank
+    assert_same_losses(losses, ref_losses)
     assert [e[0] for e in evals] == [25, 50] and all(e[2] == 2000 for e in evals)
     for (_, auc, _), (_, ref_auc, _) in zip(evals, ref_evals):
         assert auc == pytest.approx(ref_auc, abs=1e-4)  # gathered over all ranks, not averaged per rank
-    assert f"on {world} rank(s)" in stdout and "backend gloo" in stdout
+    assert f"plan on {world} rank(s), backend gloo" in stdout
     assert stdout.strip().splitlines()[-1].startswith("final: step 50 | auc")
+
+
+def test_resharding_2_to_3_ranks_continues_the_same_trajectory(small_data, one_rank, tmp_path):
+    """Checkpoint at 2 ranks row-wise, resume at 3 ranks with a mixed plan: same losses as 1 rank."""
+    cfg_path, data = small_data
+    ckpt = f"--checkpoint.dir={tmp_path / 'ckpt'}"
+    first, _, _ = trajectory(cfg_path, data, tmp_path / "a", 2, ckpt, steps=20)
+    rest, _, stdout = trajectory(cfg_path, data, tmp_path / "b", 3, ckpt, "--checkpoint.resume=true", *MIXED)
+    assert "resumed from" in stdout and "at step 20" in stdout
+    assert_same_losses(first + rest, one_rank[0])

@@ -30,8 +30,8 @@ class DotInteraction(nn.Module):
     def __init__(self, num_features: int):
         super().__init__()
         rows, cols = torch.tril_indices(num_features, num_features, offset=-1)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
+        # One flat index: index_select (and its index_add backward) is much faster than z[:, rows, cols].
+        self.register_buffer("pairs", rows * num_features + cols, persistent=False)
 
     @staticmethod
     def out_size(num_features: int, dense_size: int) -> int:
@@ -41,7 +41,7 @@ class DotInteraction(nn.Module):
         feats = pooled.view(pooled.shape[0], pooled.shape[1] // dim, dim)  # -1 fails on 0 rows
         if dense is not None:
             feats = torch.cat([dense.unsqueeze(1), feats], dim=1)
-        z = torch.bmm(feats, feats.transpose(1, 2))[:, self.rows, self.cols]
+        z = torch.bmm(feats, feats.transpose(1, 2)).flatten(1).index_select(1, self.pairs)
         return z if dense is None else torch.cat([dense, z], dim=1)
 
 

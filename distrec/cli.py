@@ -4,6 +4,7 @@
     distrec doctor
     distrec data synth --config configs/demo.toml --out runs/demo/data
     distrec data preprocess --in day_0.gz day_1.gz --out runs/criteo
+    distrec reshard --checkpoint runs/demo/ckpt --out model.pt --unsharded
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 from distrec import __version__
 from distrec.config import ConfigError
 from distrec.data.manifest import DataError
+from sharding.types import PlanError
 
 
 def _synth(args: argparse.Namespace, rest: list[str]) -> int:
@@ -39,6 +41,12 @@ def _doctor(args: argparse.Namespace, rest: list[str]) -> int:
     return doctor_main()
 
 
+def _reshard(args: argparse.Namespace, rest: list[str]) -> int:
+    from distrec.reshard import main as reshard_main
+
+    return reshard_main(args, rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distrec", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"distrec {__version__}")
@@ -55,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre = data.add_parser("preprocess", help="Criteo TSV (plain or gzip) -> Parquet shards + manifest")
     add_preprocess_arguments(pre)
     pre.set_defaults(func=_preprocess)
+    from distrec.reshard import add_arguments as add_reshard_arguments
+
+    reshard = sub.add_parser("reshard", help="re-cut a checkpoint for another plan / world size, or unshard it",
+                             epilog="Further arguments are config overrides for the target plan: --plan.default=...")
+    add_reshard_arguments(reshard)
+    reshard.set_defaults(func=_reshard)
     return p
 
 
@@ -62,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     try:
         return args.func(args, rest)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, PlanError, FileNotFoundError) as e:
         print(f"distrec: error: {e}", file=sys.stderr)
         return 2
 

@@ -66,6 +66,25 @@ def _fill(name: str, s: Shard, target: dict[str, torch.Tensor], pieces: list[dic
 
 
 @torch.no_grad()
+def recut(pieces: list[dict], targets: list[tuple[str, Shard]], kind: str) -> list[dict]:
+    """The same values cut along other shard boundaries: one piece per (table, shard) in ``targets``.
+
+    recut(saved, [("C1", Shard(0, 0, 1000, 0, 16))], "adagrad")   # C1 whole, for one process
+    """
+    out = []
+    for name, s in targets:
+        weight = torch.zeros(s.num_rows, s.width)
+        state = {}
+        for key, rule in state_names(kind).items():
+            state[key] = torch.tensor(0.0) if rule == "scalar" else (
+                torch.zeros(s.num_rows) if rule == "row" else torch.zeros(s.num_rows, s.width))
+        _fill(name, s, {"weight": weight, **state}, pieces)
+        out.append({"table": name, "rows": (s.row_start, s.row_end), "cols": (s.col_start, s.col_end),
+                    "weight": weight, "state": state})
+    return out
+
+
+@torch.no_grad()
 def import_shards(emb: ShardedEmbeddingCollection, opt: SparseOptimizer, pieces: list[dict]) -> None:
     kind = opt.param_groups[0]["kind"]
     for name, s, w, start in emb.held_shards():

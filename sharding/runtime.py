@@ -233,7 +233,10 @@ class ShardedEmbeddingCollection(nn.Module):
         per_table = torch.where(torch.tensor([t.pooling == "mean" for t in self.tables]), lengths, ones)
         return per_table.repeat_interleave(torch.tensor(self.dims), dim=1)
 
-    def forward(self, sparse: JaggedBatch) -> torch.Tensor:
+    def forward(self, sparse) -> torch.Tensor:
+        """``sparse``: a JaggedBatch, or torchrec's KeyedJaggedTensor (keys in table order)."""
+        if not isinstance(sparse, JaggedBatch):
+            sparse = JaggedBatch.from_kjt(sparse)
         batch = sparse.batch_size
         batch_sizes, shard_of_bag, lengths, values, weights = self._input_dist(sparse)
         pooled = self.local.pool(shard_of_bag, lengths, values, weights)

@@ -151,3 +151,12 @@ def bad_input_rank(rank, world):
 def test_bad_id_on_one_rank_is_raised_on_every_rank():
     messages = run_ranks(2, bad_input_rank)
     assert messages == ["rank 1: feature t4: id 60 is out of range for table t4 with 60 rows"] * 2
+
+
+def test_accepts_torchrec_keyed_jagged_tensor():
+    pytest.importorskip("torchrec")  # installed by `make install`; the runtime itself never needs it
+    plan = simple_plan(TABLES, 1, "row_wise")
+    emb = ShardedEmbeddingCollection(TABLES, plan, rank=0, seed=0)
+    jb, _ = make_batch(0)
+    torch.testing.assert_close(emb(jb.to_kjt()), emb(jb))
+    torch.testing.assert_close(emb(jb), Plain()(jb), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,71 @@
+"""``distrec reshard``: re-cut a checkpoint's embedding shards offline for another plan or world size,
+or export it unsharded (every table whole) for single-process inference.
+
+    distrec reshard --checkpoint runs/demo/ckpt --out runs/demo/ckpt4 --world-size 4 --plan.default=table_wise
+    distrec reshard --checkpoint runs/demo/ckpt --out model.pt --unsharded
+
+Training also reshards on load (any plan, any world size), so this is for moving checkpoints around
+ahead of time and for inference outside distrec's trainer.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from distrec.checkpoint import load_latest, save_checkpoint
+from distrec.config import Config, load_config
+from sharding.checkpoint import recut
+from sharding.plan import load_plan, simple_plan
+from sharding.types import Shard, TableConfig
+
+
+def _tables(state: dict) -> list[TableConfig]:
+    """The tables as the checkpoint's pieces cover them (every piece carries global offsets)."""
+    size: dict[str, tuple[int, int]] = {}
+    for p in state["shards"]:
+        rows, dim = size.get(p["table"], (0, 0))
+        size[p["table"]] = (max(rows, p["rows"][1]), max(dim, p["cols"][1]))
+    pooling = state["config"]["tables"]["pooling"]
+    return [TableConfig(name, rows, dim, pooling) for name, (rows, dim) in size.items()]
+
+
+def unsharded(state: dict) -> dict:
+    """{"dense": the DLRM's non-embedding state, "tables": {name: full weight}}."""
+    tables = _tables(state)
+    kind = state["config"]["optimizer"]["sparse"]
+    whole = recut(state["shards"], [(t.name, Shard(0, 0, t.num_rows, 0, t.dim)) for t in tables], kind)
+    return {"dense": state["dense"], "tables": {p["table"]: p["weight"] for p in whole},
+            "step": state["position"]["step"]}
+
+
+def resharded(state: dict, cfg: Config, world_size: int) -> dict:
+    tables = _tables(state)
+    plan = load_plan(cfg.plan.file, tables, world_size) if cfg.plan.file else \
+        simple_plan(tables, world_size, cfg.plan.default, cfg.plan.overrides())
+    targets = [(t.name, s) for t in tables for s in plan.tables[t.name].shards]
+    return {**state, "shards": recut(state["shards"], targets, state["config"]["optimizer"]["sparse"]),
+            "world_size": world_size}
+
+
+def main(args: argparse.Namespace, rest: list[str]) -> int:
+    state = load_latest(args.checkpoint)
+    if state is None:
+        raise FileNotFoundError(f"{args.checkpoint}: no checkpoint (step_*.pt) found")
+    if args.unsharded:
+        torch.save(unsharded(state), args.out)
+        print(f"wrote {args.out}: step {state['position']['step']}, every table whole")
+        return 0
+    cfg = load_config(None, rest)
+    new = resharded(state, cfg, args.world_size)
+    save_checkpoint(Path(args.out), state["position"]["step"], new, keep=1)
+    print(f"wrote {args.out}: step {state['position']['step']}, {len(new['shards'])} shards for {args.world_size} ranks")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder (its newest step is used)")
+    p.add_argument("--out", required=True, help="a checkpoint folder, or a .pt file with --unsharded")
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--unsharded", action="store_true", help="every table whole, for single-process inference")

@@ -153,7 +153,7 @@ class ShardedEmbeddingCollection(nn.Module):
                     n = kept[ends[p.table, 1:]] - kept[ends[p.table, :-1]]
                 lens.append(n)
                 ids.append(v)
-                wts.append(w if w is not None else torch.ones(v.numel(), device=v.device))
+                wts.append(w)
             out.append((lens, ids, wts))
         return out
 
@@ -190,8 +190,9 @@ class ShardedEmbeddingCollection(nn.Module):
         lengths = torch.cat([g[:mine * b] for g, b in zip(got, batch_sizes)])
         values = torch.cat([g[mine * b:] for g, b in zip(got, batch_sizes)])
         weights = None
-        if counts[:, 2].any():
-            wsend = [torch.cat(w) if w else torch.zeros(0) for _, _, w in buckets]
+        if counts[:, 2].any():  # some rank has weights: all send them, 1.0 where a rank has none
+            wsend = [torch.cat([w if w is not None else torch.ones(v.numel()) for v, w in zip(ids, wts)])
+                     if ids else torch.zeros(0) for _, ids, wts in buckets]
             weights = exchange(torch.cat(wsend), [w.numel() for w in wsend], id_counts, self.group)
         shard_of_bag = torch.cat([torch.arange(mine).repeat_interleave(b) for b in batch_sizes])
         return batch_sizes, shard_of_bag, lengths, values, weights

@@ -1,0 +1,148 @@
+"""Sharded runtime benchmarks on this machine: fused lookup vs a per-table loop, and the share of a
+2-rank training step spent in communication.
+
+    .venv/bin/python benchmarks/sharded_runtime.py --steps 30
+
+Tables and batch follow configs/demo.toml (26 tables, dim 16, global batch 8192, one-hot Zipf ids).
+Prints Markdown rows for docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distrec.config import load_config, table_specs  # noqa: E402
+from distrec.data.synth import zipf_ids  # noqa: E402
+from distrec.model.dlrm import DLRM  # noqa: E402
+from distrec.optim import make_optimizers  # noqa: E402
+from distrec.loop import train_step  # noqa: E402
+from sharding.jagged import JaggedBatch  # noqa: E402
+from sharding.optim import SparseOptimizer  # noqa: E402
+from sharding.plan import simple_plan  # noqa: E402
+from sharding.runtime import ShardedEmbeddingCollection  # noqa: E402
+from sharding.types import TableConfig  # noqa: E402
+from tests.ranks import run_ranks  # noqa: E402
+
+
+
+def demo_tables() -> tuple[list[TableConfig], object]:
+    cfg = load_config("configs/demo.toml")
+    return [TableConfig(s.name, s.num_rows, s.dim, s.pooling) for s in table_specs(cfg)], cfg
+
+
+def make_batches(tables, batch: int, count: int, seed: int) -> list[JaggedBatch]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        ids = np.stack([zipf_ids(rng, batch, t.num_rows, 1.1) for t in tables], 1)
+        out.append(JaggedBatch.from_dense([t.name for t in tables], torch.from_numpy(ids)))
+    return out
+
+
+class PerTableLoop(nn.Module):
+    def __init__(self, tables):
+        super().__init__()
+        self.bags = nn.ModuleList(nn.EmbeddingBag(t.num_rows, t.dim, mode="sum", sparse=True) for t in tables)
+
+    def forward(self, jb: JaggedBatch) -> torch.Tensor:
+        batch = jb.batch_size
+        values = torch.split(jb.values, jb.length_per_key())
+        offsets = torch.arange(batch)
+        return torch.cat([bag(v, offsets) for bag, v in zip(self.bags, values)], 1)
+
+
+def time_steps(module, opt, batches, steps: int) -> float:
+    """Seconds per forward + backward + optimizer step."""
+    def step(jb):
+        module(jb).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    for jb in batches[:3]:
+        step(jb)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    return (time.perf_counter() - start) / steps
+
+
+def fused_vs_loop(steps: int) -> tuple[float, float]:
+    tables, _ = demo_tables()
+    batches = make_batches(tables, 8192, 8, seed=0)
+    fused = ShardedEmbeddingCollection(tables, simple_plan(tables, 1, "table_wise"), seed=0)
+    loop = PerTableLoop(tables)
+    t_fused = time_steps(fused, SparseOptimizer(list(fused.parameters()), "adagrad", lr=0.05), batches, steps)
+    t_loop = time_steps(loop, torch.optim.Adagrad(list(loop.parameters()), lr=0.05), batches, steps)
+    return t_fused, t_loop
+
+
+def timed_exchanges(spent: list[float]):
+    """Wrap the runtime's all-to-all so its wall time (waits included) adds up in ``spent[0]``."""
+    import sharding.comm
+    import sharding.runtime
+
+    plain = sharding.comm.exchange
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return plain(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    sharding.comm.exchange = sharding.runtime.exchange = timed
+
+
+def comm_rank(rank: int, world: int, steps: int) -> tuple[float, float]:
+    """(seconds per DLRM training step, seconds of it in the runtime's all-to-alls) on this rank."""
+    from distrec.dist import DistContext
+    from distrec.data.loader import Batch
+    from distrec.train import wrap_dense
+
+    tables, cfg = demo_tables()
+    emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, "row_wise"), rank=rank, seed=0)
+    torch.manual_seed(0)
+    model = DLRM.from_config(cfg, emb)
+    opts = make_optimizers(cfg.optimizer, model)
+    ddp = wrap_dense(model, DistContext(rank, world, rank, torch.device("cpu"), "gloo"))
+    local = 8192 // world
+    sparse = make_batches(tables, local, 4, seed=rank)
+    g = torch.Generator().manual_seed(rank)
+    batches = [Batch(torch.rand(local, 13, generator=g), s, (torch.rand(local, generator=g) < 0.12).float())
+               for s in sparse]
+    for b in batches[:3]:
+        train_step(ddp, emb, opts, b, 8192)
+    spent = [0.0]
+    timed_exchanges(spent)
+    start = time.perf_counter()
+    for i in range(steps):
+        train_step(ddp, emb, opts, batches[i % len(batches)], 8192)
+    return (time.perf_counter() - start) / steps, spent[0] / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=30)
+    args = p.parse_args()
+    t_fused, t_loop = fused_vs_loop(args.steps)
+    per_rank = run_ranks(2, comm_rank, args.steps)
+    step, comm = max(r[0] for r in per_rank), max(r[1] for r in per_rank)
+    print("| measure | value |\n|---|---|")
+    print(f"| embedding fwd+bwd+Adagrad, batch 8192, 26 tables: fused runtime (1 rank) | {t_fused * 1e3:.1f} ms |")
+    print(f"| same, per-table nn.EmbeddingBag loop + torch Adagrad (sparse) | {t_loop * 1e3:.1f} ms |")
+    print(f"| fused speed-up over the loop | {t_loop / t_fused:.2f}x |")
+    print(f"| DLRM step, 2 ranks row-wise, global batch 8192 | {step * 1e3:.1f} ms ({8192 / step:,.0f} samples/s) |")
+    print(f"| of which in the sparse all-to-alls, forward and backward (waits included, rank max) | {comm * 1e3:.1f} ms "
+          f"({comm / step:.0%}) |")
+
+
+if __name__ == "__main__":
+    main()

@@ -101,6 +101,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 0  # 0: no limit
     device: str = "auto"  # auto | cpu | cuda
+    pipeline: bool = False  # start batch i+1's id all-to-all while batch i's dense part runs
     log_every_steps: int = 50
     progress_bar: bool = True
 

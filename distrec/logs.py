@@ -1,7 +1,7 @@
 """metrics.jsonl, the resolved config, and rank 0's progress bar.
 
     log = MetricsLog("runs/demo/logs", is_main=True, total_steps=488, progress=True)
-    log.train_window(step=50, samples=204800, loss=0.41, samples_per_s=51000.0)
+    log.train_window(step=50, samples=204800, loss=0.41, samples_per_s=51000.0, input_wait_ms=0.0)
     log.evaluation(step=488, auc=0.79, logloss=0.35)
 """
 from __future__ import annotations
@@ -32,9 +32,10 @@ class MetricsLog:
         if self.bar:
             self.bar.update(1)
 
-    def train_window(self, step: int, samples: int, loss: float, samples_per_s: float) -> None:
-        self._write({"kind": "train", "step": step, "samples": samples, "loss": loss,
-                     "samples_per_s": samples_per_s})
+    def train_window(self, step: int, samples: int, loss: float, samples_per_s: float, input_wait_ms: float,
+                     pipelined: bool = False) -> None:
+        record = {"kind": "train", "step": step, "samples": samples, "loss": loss, "samples_per_s": samples_per_s}
+        self._write({**record, "input_wait_ms": input_wait_ms} if pipelined else record)
         if self.bar:
             self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{samples_per_s:,.0f}")
 

@@ -20,7 +20,7 @@ from distrec.data.loader import Columns, ParquetLoader
 from distrec.data.manifest import DataError, check_schema, read_manifest, split_files
 from distrec.dist import DistContext, all_reduce_sum, init_distributed, shutdown
 from distrec.logs import MetricsLog, write_resolved_config
-from distrec.loop import Position, evaluate, restore, train_step, training_state
+from distrec.loop import Position, evaluate, pipelined, restore, train_step, training_state
 from distrec.model.dlrm import DLRM
 from distrec.optim import make_optimizers
 from sharding.plan import describe_plan, load_plan, simple_plan
@@ -89,6 +89,8 @@ def run(cfg: Config, ctx: DistContext) -> dict:
         write_resolved_config(cfg.logging.dir, dump_toml(cfg))
         log.info(f"plan on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}:\n"
                  + describe_plan(plan, tables))
+        log.info("pipeline: " + ("on: batch i+1's ids are exchanged while batch i trains (input_wait_ms in "
+                                 "metrics.jsonl shows how much of it was not hidden)" if cfg.train.pipeline else "off"))
         if pos.step:
             log.info(f"resumed from {cfg.checkpoint.dir} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
     result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log)
@@ -101,17 +103,19 @@ class Window:
     """Loss and samples/s over a logging window; time spent evaluating or checkpointing is left out."""
 
     def __init__(self):
-        self.loss_sum = self.rows = 0.0  # this rank's
+        self.loss_sum = self.rows = self.wait_s = 0.0  # this rank's; wait_s: pipelined input dist waits
         self.start = time.perf_counter()
         self.train_time, self.trained = 0.0, 0  # totals over the run, all ranks
 
-    def close(self, ctx: DistContext) -> tuple[float, float]:
+    def close(self, ctx: DistContext, steps: int) -> tuple[float, float, float]:
+        """(global mean loss, global samples/s, mean ms per step this rank waited for its ids)."""
         loss_sum, rows = all_reduce_sum([self.loss_sum, self.rows], ctx)
         elapsed = time.perf_counter() - self.start
         self.train_time, self.trained = self.train_time + elapsed, self.trained + int(rows)
-        self.loss_sum = self.rows = 0.0
+        wait_ms = 1e3 * self.wait_s / max(steps, 1)
+        self.loss_sum = self.rows = self.wait_s = 0.0
         self.start = time.perf_counter()
-        return loss_sum / max(rows, 1.0), rows / elapsed
+        return loss_sum / max(rows, 1.0), rows / elapsed, wait_ms
 
     @contextlib.contextmanager
     def paused(self):
@@ -125,17 +129,23 @@ def samples_seen(pos: Position, loader: ParquetLoader) -> int:
 
 
 def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log) -> dict:
-    window, G = Window(), train_loader.global_batch_size
+    window, G, since_log = Window(), train_loader.global_batch_size, 0
     while pos.step < total:
-        for batch in train_loader.epoch(pos.epoch, pos.batch):
+        batches = (b.to(ctx.device) for b in train_loader.epoch(pos.epoch, pos.batch))
+        if cfg.train.pipeline:
+            batches = pipelined(batches, model.embeddings)
+        for batch in batches:
             global_size = min(G, train_loader.num_rows - pos.batch * G)
-            window.loss_sum += train_step(ddp, model.embeddings, optimizers, batch.to(ctx.device), global_size)
+            window.loss_sum += train_step(ddp, model.embeddings, optimizers, batch, global_size)
             window.rows += len(batch)
-            pos.step, pos.batch = pos.step + 1, pos.batch + 1
+            window.wait_s += getattr(batch.sparse, "wait_s", 0.0)
+            pos.step, pos.batch, since_log = pos.step + 1, pos.batch + 1, since_log + 1
             log.step()
             last = pos.step >= total
             if pos.step % cfg.train.log_every_steps == 0 or last:
-                log.train_window(pos.step, samples_seen(pos, train_loader), *window.close(ctx))
+                log.train_window(pos.step, samples_seen(pos, train_loader), *window.close(ctx, since_log),
+                                 pipelined=cfg.train.pipeline)
+                since_log = 0
             with window.paused():
                 if cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0 and not last:
                     log.evaluation(pos.step, **evaluate(model, eval_loader, ctx))

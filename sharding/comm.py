@@ -16,11 +16,19 @@ def world_size(group) -> int:
 
 def exchange(t: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
     """``all_to_all_single`` of a 1-D tensor: rank r's piece ``i`` goes to rank ``i``."""
-    if world_size(group) == 1:
-        return t
-    out = t.new_empty(sum(recv_splits))
-    dist.all_to_all_single(out, t.contiguous(), recv_splits, send_splits, group=group)
+    out, work = start_exchange(t, send_splits, recv_splits, group)
+    if work is not None:
+        work.wait()
     return out
+
+
+def start_exchange(t: torch.Tensor, send_splits: list[int], recv_splits: list[int], group):
+    """The same, started: returns (output, work to wait on, or None when already done)."""
+    if world_size(group) == 1:
+        return t, None
+    out = t.new_empty(sum(recv_splits))
+    work = dist.all_to_all_single(out, t.contiguous(), recv_splits, send_splits, group=group, async_op=True)
+    return out, work
 
 
 class _AllToAll(torch.autograd.Function):

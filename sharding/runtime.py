@@ -20,13 +20,14 @@ so no dense gradient the size of a table is ever made; ``sharding.optim`` update
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sharding.comm import all_reduce_, all_to_all, exchange, world_size
+from sharding.comm import all_reduce_, all_to_all, exchange, start_exchange, world_size
 from sharding.init import init_rows
 from sharding.jagged import JaggedBatch
 from sharding.plan import validate_plan
@@ -34,6 +35,24 @@ from sharding.types import PlanError, Shard, ShardingPlan, ShardingType, TableCo
 
 ERR_NONE, ERR_KEYS, ERR_RANGE = 0, 1, 2
 COUNT_FIELDS = 6  # batch size, ids sent, has weights, error code, feature index, bad id
+
+
+@dataclass
+class InputDist:
+    """A batch whose ids are on their way to their shards' owners (see ``start_input_dist``)."""
+
+    sparse: JaggedBatch
+    batch_sizes: list[int]
+    id_counts: list[int]
+    payload: torch.Tensor
+    work: object  # the all-to-all to wait on, or None
+    weights: torch.Tensor | None
+    weights_work: object
+    wait_s: float = 0.0  # how long forward waited for the exchange: ~0 when it was hidden
+
+    @property
+    def batch_size(self) -> int:
+        return self.sparse.batch_size
 
 
 class InputError(ValueError):
@@ -175,27 +194,41 @@ class ShardedEmbeddingCollection(nn.Module):
                 raise InputError(f"rank {src}: feature {t.name}: id {bad} is out of range for table {t.name} "
                                  f"with {t.num_rows} rows")
 
-    def _input_dist(self, sparse: JaggedBatch):
-        """Send every bag to its shard's owner; returns what this rank owns: per source rank its batch
-        size, and the received (lengths, ids, weights) in (source, shard, sample) order."""
+    def start_input_dist(self, sparse) -> InputDist:
+        """Send every bag to its shard's owner without waiting for it to arrive: the counts go first
+        (and bad input is raised on every rank), the ids and weights are left in flight, so a trainer
+        can run another batch's dense work meanwhile. ``forward`` takes the result."""
+        if not isinstance(sparse, JaggedBatch):
+            sparse = JaggedBatch.from_kjt(sparse)
         buckets = self._bucketize(sparse) if sparse.keys == self.names else [([], [], [])] * self.world
         counts = self._exchange_counts(sparse, buckets)
         self._raise_input_errors(counts)
         batch_sizes, id_counts = counts[:, 0].tolist(), counts[:, 1].tolist()
         mine = len(self.dst_shards[self.rank])
         payload = [torch.cat([*lens, *ids]) if lens else torch.zeros(0, dtype=torch.int64) for lens, ids, _ in buckets]
-        send = [p.numel() for p in payload]
         recv = [mine * b + n for b, n in zip(batch_sizes, id_counts)]
-        got = torch.split(exchange(torch.cat(payload), send, recv, self.group), recv)
-        lengths = torch.cat([g[:mine * b] for g, b in zip(got, batch_sizes)])
-        values = torch.cat([g[mine * b:] for g, b in zip(got, batch_sizes)])
-        weights = None
+        got, work = start_exchange(torch.cat(payload), [p.numel() for p in payload], recv, self.group)
+        weights, weights_work = None, None
         if counts[:, 2].any():  # some rank has weights: all send them, 1.0 where a rank has none
             wsend = [torch.cat([w if w is not None else torch.ones(v.numel()) for v, w in zip(ids, wts)])
                      if ids else torch.zeros(0) for _, ids, wts in buckets]
-            weights = exchange(torch.cat(wsend), [w.numel() for w in wsend], id_counts, self.group)
-        shard_of_bag = torch.cat([torch.arange(mine).repeat_interleave(b) for b in batch_sizes])
-        return batch_sizes, shard_of_bag, lengths, values, weights
+            weights, weights_work = start_exchange(torch.cat(wsend), [w.numel() for w in wsend], id_counts, self.group)
+        return InputDist(sparse, batch_sizes, id_counts, got, work, weights, weights_work)
+
+    def _arrived(self, inc: InputDist):
+        """Wait for the ids; (shard of each received bag, lengths, ids, weights) in (source, shard,
+        sample) order."""
+        start = time.perf_counter()
+        for work in (inc.work, inc.weights_work):
+            if work is not None:
+                work.wait()
+        inc.wait_s = time.perf_counter() - start
+        mine = len(self.dst_shards[self.rank])
+        got = torch.split(inc.payload, [mine * b + n for b, n in zip(inc.batch_sizes, inc.id_counts)])
+        lengths = torch.cat([g[:mine * b] for g, b in zip(got, inc.batch_sizes)])
+        values = torch.cat([g[mine * b:] for g, b in zip(got, inc.batch_sizes)])
+        shard_of_bag = torch.cat([torch.arange(mine).repeat_interleave(b) for b in inc.batch_sizes])
+        return shard_of_bag, lengths, values, inc.weights
 
     # ---- output dist ------------------------------------------------------------------------------
     def _combine(self, received: torch.Tensor, replicas: torch.Tensor, batch: int) -> torch.Tensor:
@@ -235,14 +268,13 @@ class ShardedEmbeddingCollection(nn.Module):
         return per_table.repeat_interleave(torch.tensor(self.dims), dim=1)
 
     def forward(self, sparse) -> torch.Tensor:
-        """``sparse``: a JaggedBatch, or torchrec's KeyedJaggedTensor (keys in table order)."""
-        if not isinstance(sparse, JaggedBatch):
-            sparse = JaggedBatch.from_kjt(sparse)
-        batch = sparse.batch_size
-        batch_sizes, shard_of_bag, lengths, values, weights = self._input_dist(sparse)
-        pooled = self.local.pool(shard_of_bag, lengths, values, weights)
+        """``sparse``: a JaggedBatch, torchrec's KeyedJaggedTensor (keys in table order), or the
+        InputDist of one already started."""
+        inc = sparse if isinstance(sparse, InputDist) else self.start_input_dist(sparse)
+        sparse, batch = inc.sparse, inc.batch_size
+        pooled = self.local.pool(*self._arrived(inc))
         w_mine = self.recv_width[self.rank]
-        received = all_to_all(pooled, [b * w_mine for b in batch_sizes], [batch * w for w in self.recv_width],
+        received = all_to_all(pooled, [b * w_mine for b in inc.batch_sizes], [batch * w for w in self.recv_width],
                               self.group)
         out = self._combine(received, self._replica_lookup(sparse), batch)
         return out / self._mean_divisor(sparse) if self.has_mean else out

@@ -33,7 +33,8 @@ def assert_same_losses(losses, ref_losses):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: {a} vs {b}"
 
 
-@pytest.mark.parametrize("world,plan", [(2, []), (3, []), (2, MIXED)], ids=["2-row_wise", "3-row_wise", "2-mixed"])
+@pytest.mark.parametrize("world,plan", [(2, []), (3, []), (2, MIXED), (3, [*MIXED, "--train.pipeline=true"])],
+                         ids=["2-row_wise", "3-row_wise", "2-mixed", "3-mixed-pipelined"])
 def test_same_loss_trajectory_and_eval_as_one_rank(small_data, one_rank, tmp_path, world, plan):
     cfg_path, data = small_data
     losses, evals, stdout = trajectory(cfg_path, data, tmp_path, world, *plan)
@@ -43,6 +44,7 @@ def test_same_loss_trajectory_and_eval_as_one_rank(small_data, one_rank, tmp_pat
     for (_, auc, _), (_, ref_auc, _) in zip(evals, ref_evals):
         assert auc == pytest.approx(ref_auc, abs=1e-4)  # gathered over all ranks, not averaged per rank
     assert f"plan on {world} rank(s), backend gloo" in stdout
+    assert ("pipeline: on" in stdout) == ("--train.pipeline=true" in plan)
     assert stdout.strip().splitlines()[-1].startswith("final: step 50 | auc")
 
 

@@ -199,6 +199,7 @@ class ParquetLoader:
 
 
 _DONE = object()
+READER_JOIN_S = 30.0
 
 
 def _background(items: Iterator, depth: int) -> Iterator:
@@ -230,3 +231,6 @@ def _background(items: Iterator, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
+        # Wait for the reader to finish its current row group: a thread still inside pyarrow when the
+        # interpreter exits can crash the process after the work is done.
+        thread.join(timeout=READER_JOIN_S)

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ NUM_BATCHES = 10
 WARMUP_STEPS = 5
 SPARSE_LR, DENSE_LR, EPS = 0.05, 0.001, 1e-8
 RANK_TIMEOUT_S = 900
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 TORCHREC_EBC = "sparse_arch.embedding_bag_collection"  # module path of the EBC inside torchrec's DLRM
 
 
@@ -217,7 +219,7 @@ def _rank_entry(fn, rank: int, world: int, workdir: str, args: tuple) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     store = dist.FileStore(os.path.join(workdir, "store"), world)
-    dist.init_process_group("gloo", rank=rank, world_size=world, store=store)
+    dist.init_process_group("gloo", rank=rank, world_size=world, store=store, timeout=COLLECTIVE_TIMEOUT)
     try:
         result = {"ok": fn(rank, world, *args)}
     except Exception:
@@ -229,13 +231,17 @@ def _rank_entry(fn, rank: int, world: int, workdir: str, args: tuple) -> None:
     dist.destroy_process_group()
 
 
+def _read_result(workdir: str, rank: int) -> dict | None:
+    path = Path(workdir) / f"rank{rank}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _wait(procs, workdir: str) -> None:
-    """Wait for all ranks; once one has exited without a result, give the rest a few seconds."""
+    """Wait for all ranks; once one has failed (error, or exit without a result), give the rest, which
+    may be stuck in a collective with it, a few seconds."""
     deadline = time.monotonic() + RANK_TIMEOUT_S
     while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        dead = [r for r, p in enumerate(procs)
-                if not p.is_alive() and not os.path.exists(os.path.join(workdir, f"rank{r}.json"))]
-        if dead:
+        if any(not p.is_alive() and "ok" not in (_read_result(workdir, r) or {}) for r, p in enumerate(procs)):
             deadline = min(deadline, time.monotonic() + 10)
         time.sleep(0.2)
     for p in procs:
@@ -253,15 +259,13 @@ def run_ranks(fn, *args) -> tuple[list[dict], list[int]]:
         for p in procs:
             p.start()
         _wait(procs, workdir)
-        results = []
-        for r, p in enumerate(procs):
-            path = os.path.join(workdir, f"rank{r}.json")
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {r} exited with code {p.exitcode} and no result")
-            results.append(json.load(open(path)))
-        for r, res in enumerate(results):
-            if "error" in res:
+        results = [_read_result(workdir, r) for r in range(WORLD)]
+        for r, res in enumerate(results):  # a rank's own error first: the others may just have been killed
+            if res is not None and "error" in res:
                 raise RuntimeError(f"rank {r} failed:\n{res['error']}")
+        for r, res in enumerate(results):
+            if res is None:
+                raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} and no result")
         return [res["ok"] for res in results], [p.exitcode for p in procs]
 
 

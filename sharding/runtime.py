@@ -65,7 +65,6 @@ class _Placed:
 
     table: int
     shard: Shard
-    row_wise: bool
 
 
 class _FusedWeights(nn.Module):
@@ -128,15 +127,16 @@ class ShardedEmbeddingCollection(nn.Module):
         self.col_offset = [sum(self.dims[:i]) for i in range(len(tables))]
         kinds = [plan.tables[t.name].sharding_type for t in tables]
         # Per destination rank, its shards in one canonical order every rank agrees on.
-        self.dst_shards = [[_Placed(i, s, kinds[i] == ShardingType.ROW_WISE)
+        self.dst_shards = [[_Placed(i, s)
                             for i, t in enumerate(tables) if kinds[i] != ShardingType.DATA_PARALLEL
                             for s in plan.tables[t.name].shards if s.rank == d] for d in range(self.world)]
         self.local = _FusedWeights(self.dst_shards[rank], tables, seed)
         self.replicated = [i for i, k in enumerate(kinds) if k == ShardingType.DATA_PARALLEL]
-        self.replicas = _FusedWeights([_Placed(i, plan.tables[tables[i].name].shards[0], False)
+        self.replicas = _FusedWeights([_Placed(i, plan.tables[tables[i].name].shards[0])
                                        for i in self.replicated], tables, seed)
         self.recv_width = [sum(p.shard.width for p in shards) for shards in self.dst_shards]
         self.has_mean = any(t.pooling == "mean" for t in tables)
+        self._routing()
         self.to(device)
 
     # ---- input dist -------------------------------------------------------------------------------
@@ -151,29 +151,51 @@ class ShardedEmbeddingCollection(nn.Module):
                     return ERR_RANGE, i, int(bad[0])
         return ERR_NONE, 0, 0
 
+    def _routing(self) -> None:
+        """Tables and row ranges as one id space: a sorted search finds every id's row or table shard
+        in one pass (column shards, which all get the whole bag, are handled apart)."""
+        placed = [p for shards in self.dst_shards for p in shards]
+        base = [sum(t.num_rows for t in self.tables[:i]) for i in range(len(self.tables))]
+        routed = [c for c, p in enumerate(placed) if p.shard.width == self.dims[p.table]]
+        routed.sort(key=lambda c: base[placed[c].table] + placed[c].shard.row_start)
+        self._base = torch.tensor(base, dtype=torch.int64)
+        self._starts = torch.tensor([base[placed[c].table] + placed[c].shard.row_start for c in routed],
+                                    dtype=torch.int64)
+        self._canon = torch.tensor(routed, dtype=torch.int64)
+        self._shift = torch.tensor([placed[c].shard.row_start for c in routed], dtype=torch.int64)
+        routed_table = torch.zeros(len(self.tables), dtype=torch.bool)
+        routed_table[[placed[c].table for c in routed]] = True
+        self._routed_table = routed_table
+        self._placed = placed
+
     def _bucketize(self, sparse: JaggedBatch):
         """Per destination rank: (lengths, ids, weights) of every bag of its shards, in canonical order."""
-        batch = sparse.batch_size
+        batch, n = sparse.batch_size, len(self._placed)
         lengths = sparse.lengths.view(len(self.tables), batch)
+        table_of_id = torch.repeat_interleave(torch.arange(len(self.tables)), lengths.sum(1))
+        bag_of_id = torch.repeat_interleave(torch.arange(batch).repeat(len(self.tables)), sparse.lengths)
+        routed = self._routed_table[table_of_id]
+        ids = sparse.values[routed]
+        k = torch.searchsorted(self._starts, ids + self._base[table_of_id[routed]], right=True) - 1
+        key = self._canon[k] * batch + bag_of_id[routed]
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=n * batch).view(n, batch)
+        local_ids = torch.split((ids - self._shift[k])[order], counts.sum(1).tolist())
+        weights = sparse.weights[routed][order] if sparse.weights is not None else None
+        local_w = torch.split(weights, counts.sum(1).tolist()) if weights is not None else [None] * n
         per_key = torch.split(sparse.values, sparse.length_per_key())
-        weights = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
-        zero = lengths.new_zeros(len(self.tables), 1)
-        ends = torch.cat([zero, torch.cumsum(lengths, 1)], 1)  # bag boundaries within each feature
-        out = []
+        per_key_w = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
+        out, c = [], 0
         for shards in self.dst_shards:
-            lens, ids, wts = [], [], []
+            lens, vals, wts = [], [], []
             for p in shards:
-                v, n = per_key[p.table], lengths[p.table]
-                w = weights[p.table] if weights is not None else None
-                if p.row_wise:
-                    keep = (v >= p.shard.row_start) & (v < p.shard.row_end)
-                    v, w = v[keep] - p.shard.row_start, (w[keep] if w is not None else None)
-                    kept = torch.cat([keep.new_zeros(1, dtype=torch.int64), torch.cumsum(keep, 0)])
-                    n = kept[ends[p.table, 1:]] - kept[ends[p.table, :-1]]
-                lens.append(n)
-                ids.append(v)
-                wts.append(w)
-            out.append((lens, ids, wts))
+                if p.shard.width == self.dims[p.table]:  # row- or table-wise: its routed ids
+                    lens.append(counts[c]), vals.append(local_ids[c]), wts.append(local_w[c])
+                else:  # a column shard gets every bag of its table whole
+                    lens.append(lengths[p.table]), vals.append(per_key[p.table])
+                    wts.append(per_key_w[p.table] if per_key_w is not None else None)
+                c += 1
+            out.append((lens, vals, wts))
         return out
 
     def _exchange_counts(self, sparse: JaggedBatch, buckets) -> torch.Tensor:
@@ -298,7 +320,7 @@ class ShardedEmbeddingCollection(nn.Module):
 
     def held_shards(self) -> list[tuple[str, Shard, nn.Parameter, int]]:
         """(table, shard, fused weight, first row in it) for every shard and replica held here."""
-        replicas = [_Placed(i, Shard(self.rank, 0, self.tables[i].num_rows, 0, self.dims[i]), False)
+        replicas = [_Placed(i, Shard(self.rank, 0, self.tables[i].num_rows, 0, self.dims[i]))
                     for i in self.replicated]
         out = []
         for fused, placed in ((self.local, self.dst_shards[self.rank]), (self.replicas, replicas)):

@@ -2,6 +2,11 @@
 import json
 
 import pytest
+import torch
+
+from distrec.checkpoint import load_latest
+from sharding.checkpoint import recut
+from sharding.types import Shard
 
 from tests.conftest import run_cli
 
@@ -21,10 +26,22 @@ def trajectory(cfg_path, data, out, world, *extra, steps=50):
             [(x["step"], x["auc"], x["rows"]) for x in recs if x["kind"] == "eval"], r.stdout)
 
 
+def final_tables(ckpt_dir):
+    """Every table whole, with its Adagrad state, from a checkpoint's shards (any plan)."""
+    pieces = load_latest(ckpt_dir)["shards"]
+    size = {}
+    for p in pieces:
+        rows, cols = size.get(p["table"], (0, 0))
+        size[p["table"]] = (max(rows, p["rows"][1]), max(cols, p["cols"][1]))
+    whole = recut(pieces, [(name, Shard(0, 0, r, 0, c)) for name, (r, c) in sorted(size.items())], "adagrad")
+    return {p["table"]: (p["weight"], p["state"]["sum"]) for p in whole}
+
+
 @pytest.fixture(scope="module")
 def one_rank(small_data, tmp_path_factory):
     cfg_path, data = small_data
-    return trajectory(cfg_path, data, tmp_path_factory.mktemp("w1"), 1)
+    out = tmp_path_factory.mktemp("w1")
+    return (*trajectory(cfg_path, data, out, 1, f"--checkpoint.dir={out / 'ckpt'}"), final_tables(out / "ckpt"))
 
 
 def assert_same_losses(losses, ref_losses):
@@ -37,9 +54,12 @@ def assert_same_losses(losses, ref_losses):
                          ids=["2-row_wise", "3-row_wise", "2-mixed", "3-mixed-pipelined"])
 def test_same_loss_trajectory_and_eval_as_one_rank(small_data, one_rank, tmp_path, world, plan):
     cfg_path, data = small_data
-    losses, evals, stdout = trajectory(cfg_path, data, tmp_path, world, *plan)
-    ref_losses, ref_evals, _ = one_rank
+    losses, evals, stdout = trajectory(cfg_path, data, tmp_path, world, *plan, f"--checkpoint.dir={tmp_path / 'ckpt'}")
+    ref_losses, ref_evals, _, ref_tables = one_rank
     assert_same_losses(losses, ref_losses)
+    for name, (weight, state) in final_tables(tmp_path / "ckpt").items():  # after 50 steps
+        torch.testing.assert_close(weight, ref_tables[name][0], rtol=1e-4, atol=1e-6, msg=f"table {name}")
+        torch.testing.assert_close(state, ref_tables[name][1], rtol=1e-4, atol=1e-6, msg=f"table {name} state")
     assert [e[0] for e in evals] == [25, 50] and all(e[2] == 2000 for e in evals)
     for (_, auc, _), (_, ref_auc, _) in zip(evals, ref_evals):
         assert auc == pytest.approx(ref_auc, abs=1e-4)  # gathered over all ranks, not averaged per rank

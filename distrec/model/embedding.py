@@ -1,10 +1,12 @@
-"""The embedding part of the model, behind one interface the sharded runtime also implements.
+"""The embedding part of the model, behind one interface: ``dims`` and ``forward(JaggedBatch)``.
 
     emb = LocalEmbeddings(table_specs(cfg))
     pooled = emb(batch.sparse)        # [batch, sum of dims], features in table order
 
-``LocalEmbeddings`` keeps every table in this process and looks up all tables of one dim with a
-single ``embedding_bag`` call over one concatenated weight (not a Python loop over tables).
+The trainer uses ``sharding.runtime.ShardedEmbeddingCollection``, which has the same interface.
+``LocalEmbeddings`` keeps every table in this process and looks up all tables of one dim with a single
+``embedding_bag`` call over one concatenated weight; with ``ReferenceDLRM`` it is the single-process
+model that tests hold the DLRM against.
 """
 from __future__ import annotations
 

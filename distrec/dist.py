@@ -39,7 +39,7 @@ def pick_device(pref: str, local_rank: int) -> torch.device:
 
 def init_distributed(device_pref: str = "auto") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_pref, local_rank)
     if world == 1 and "MASTER_ADDR" not in os.environ:
         return DistContext(0, 1, 0, device, "none")

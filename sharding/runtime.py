@@ -31,7 +31,7 @@ from sharding.comm import all_reduce_, all_to_all, exchange, start_exchange, wor
 from sharding.init import init_rows
 from sharding.jagged import JaggedBatch
 from sharding.plan import validate_plan
-from sharding.types import PlanError, Shard, ShardingPlan, ShardingType, TableConfig
+from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig
 
 ERR_NONE, ERR_KEYS, ERR_RANGE = 0, 1, 2
 COUNT_FIELDS = 6  # batch size, ids sent, has weights, error code, feature index, bad id

@@ -2,7 +2,6 @@
 updated tables, for every sharding type mixed in one plan and every fused optimizer."""
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from sharding.init import init_rows

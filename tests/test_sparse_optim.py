@@ -5,7 +5,6 @@ touched, and repeat ids inside and across bags, so the sparse grads carry duplic
 """
 from __future__ import annotations
 
-import copy
 import io
 
 import pytest

@@ -16,26 +16,19 @@ import torch
 
 from distrec.checkpoint import load_latest, save_checkpoint
 from distrec.config import Config, load_config
-from sharding.checkpoint import recut
+from sharding.checkpoint import recut, table_sizes, whole_tables
 from sharding.plan import load_plan, simple_plan
-from sharding.types import Shard, TableConfig
+from sharding.types import TableConfig
 
 
 def _tables(state: dict) -> list[TableConfig]:
-    """The tables as the checkpoint's pieces cover them (every piece carries global offsets)."""
-    size: dict[str, tuple[int, int]] = {}
-    for p in state["shards"]:
-        rows, dim = size.get(p["table"], (0, 0))
-        size[p["table"]] = (max(rows, p["rows"][1]), max(dim, p["cols"][1]))
     pooling = state["config"]["tables"]["pooling"]
-    return [TableConfig(name, rows, dim, pooling) for name, (rows, dim) in size.items()]
+    return [TableConfig(name, rows, dim, pooling) for name, (rows, dim) in table_sizes(state["shards"]).items()]
 
 
 def unsharded(state: dict) -> dict:
     """{"dense": the DLRM's non-embedding state, "tables": {name: full weight}}."""
-    tables = _tables(state)
-    kind = state["config"]["optimizer"]["sparse"]
-    whole = recut(state["shards"], [(t.name, Shard(0, 0, t.num_rows, 0, t.dim)) for t in tables], kind)
+    whole = whole_tables(state["shards"], state["config"]["optimizer"]["sparse"])
     return {"dense": state["dense"], "tables": {p["table"]: p["weight"] for p in whole},
             "step": state["position"]["step"]}
 

@@ -65,6 +65,21 @@ def _fill(name: str, s: Shard, target: dict[str, torch.Tensor], pieces: list[dic
                         f"column {s.col_start + missing[1]}")
 
 
+def table_sizes(pieces: list[dict]) -> dict[str, tuple[int, int]]:
+    """(rows, dim) of every table, as the pieces' global offsets cover it."""
+    size: dict[str, tuple[int, int]] = {}
+    for p in pieces:
+        rows, dim = size.get(p["table"], (0, 0))
+        size[p["table"]] = (max(rows, p["rows"][1]), max(dim, p["cols"][1]))
+    return size
+
+
+def whole_tables(pieces: list[dict], kind: str) -> list[dict]:
+    """Every table in one piece (all rows and columns), optimizer state included."""
+    return recut(pieces, [(name, Shard(0, 0, rows, 0, dim)) for name, (rows, dim) in table_sizes(pieces).items()],
+                 kind)
+
+
 @torch.no_grad()
 def recut(pieces: list[dict], targets: list[tuple[str, Shard]], kind: str) -> list[dict]:
     """The same values cut along other shard boundaries: one piece per (table, shard) in ``targets``.

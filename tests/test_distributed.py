@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from distrec.checkpoint import load_latest
-from sharding.checkpoint import recut
-from sharding.types import Shard
+from sharding.checkpoint import whole_tables
 
 from tests.conftest import run_cli
 
@@ -28,12 +27,7 @@ def trajectory(cfg_path, data, out, world, *extra, steps=50):
 
 def final_tables(ckpt_dir):
     """Every table whole, with its Adagrad state, from a checkpoint's shards (any plan)."""
-    pieces = load_latest(ckpt_dir)["shards"]
-    size = {}
-    for p in pieces:
-        rows, cols = size.get(p["table"], (0, 0))
-        size[p["table"]] = (max(rows, p["rows"][1]), max(cols, p["cols"][1]))
-    whole = recut(pieces, [(name, Shard(0, 0, r, 0, c)) for name, (r, c) in sorted(size.items())], "adagrad")
+    whole = whole_tables(load_latest(ckpt_dir)["shards"], "adagrad")
     return {p["table"]: (p["weight"], p["state"]["sum"]) for p in whole}
 
 

@@ -82,8 +82,9 @@ def run(cfg: Config, ctx: DistContext) -> dict:
     if cfg.checkpoint.resume and cfg.checkpoint.dir and (state := load_latest(cfg.checkpoint.dir)):
         pos = restore(state, model, embeddings, optimizers, ctx)
     ddp = wrap_dense(model, ctx)
-    per_epoch = train_loader.num_batches()
-    total = per_epoch * cfg.train.epochs if not cfg.train.max_steps else min(cfg.train.max_steps, per_epoch * cfg.train.epochs)
+    total = train_loader.num_batches() * cfg.train.epochs
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
     log = MetricsLog(cfg.logging.dir, ctx.is_main, total, cfg.train.progress_bar, first_step=pos.step)
     if ctx.is_main:
         write_resolved_config(cfg.logging.dir, dump_toml(cfg))

@@ -31,11 +31,25 @@ rather than having its moments decayed as dense Adam would do.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 KINDS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """A sparse optimizer as the fused kernels take it: ``OptimSpec("rowwise_adagrad", lr=0.05)``."""
+
+    kind: str
+    lr: float
+    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self):
+        _check_kind(self.kind)
 
 
 def state_names(kind: str) -> dict[str, str]:

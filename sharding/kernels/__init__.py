@@ -1,0 +1,46 @@
+"""Table-batched embedding kernels: several tables pooled in one call, the optimizer fused into backward.
+
+One interface (``TableBatchedEmbedding``), several implementations:
+
+- ``sharding.kernels.fbgemm.FbgemmTBE``: fbgemm_gpu's SplitTableBatchedEmbeddingBagsCodegen (the CPU op
+  from fbgemm-gpu-cpu, the CUDA op where fbgemm-gpu CUDA is installed); imported only when asked for.
+- ``sharding.kernels.triton_tbe.TritonTBE``: distrec's own Triton kernels (GPU, or CPU under
+  TRITON_INTERPRET=1).
+
+The plain-PyTorch path (``F.embedding_bag`` + ``sharding.optim.SparseOptimizer``) is the reference every
+implementation is tested against; ``sharding.lookup`` picks which one the runtime uses.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sharding.optim import OptimSpec
+
+
+class TableBatchedEmbedding(nn.Module):
+    """T tables of shapes ``shapes`` [(rows, width)], looked up together; backward updates the rows.
+
+        tbe = FbgemmTBE([(1000, 16), (50, 8)], OptimSpec("adagrad", lr=0.05))
+        # B = 2 bags per table, table-major: table 0's bags, then table 1's.
+        out = tbe(torch.tensor([3, 7, 9, 1]), torch.tensor([0, 2, 3, 3, 4]))   # [2, 24]
+        out.sum().backward()      # rows 3, 7, 9 of table 0 and row 1 of table 1 are updated here
+
+    ``forward(indices, offsets, per_sample_weights=None)``: ``indices`` int64 table-local row ids,
+    ``offsets`` int64 of length T*B+1 (bag j of table t is indices[offsets[t*B+j]:offsets[t*B+j+1]]),
+    optional float ``per_sample_weights`` aligned with ``indices``. Returns [B, sum of widths]: sum
+    pooling, table t's columns after table t-1's. Backward combines the gradients of duplicate ids and
+    applies ``optim`` in place to the touched rows only (lazy); it returns no weight gradient.
+    """
+
+    shapes: list[tuple[int, int]]
+    optim: OptimSpec
+
+    def table_weights(self) -> list[torch.Tensor]:
+        """Views [rows, width] of each table's weights (writable: checkpoints load through them)."""
+        raise NotImplementedError
+
+    def table_states(self) -> list[dict[str, torch.Tensor]]:
+        """Views of each table's optimizer state, keyed as ``sharding.optim.state_names(kind)``:
+        "row_col" ones [rows, width], "row" ones [rows], "scalar" ones 0-dim."""
+        raise NotImplementedError

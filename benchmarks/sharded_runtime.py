@@ -1,5 +1,5 @@
-"""Sharded runtime benchmarks on this machine: fused lookup vs a per-table loop, and the share of a
-2-rank training step spent in communication.
+"""Sharded runtime benchmarks on this machine: the fused lookups (plain PyTorch; fbgemm's table-batched
+op) vs a per-table loop, and the share of a 2-rank training step spent in communication.
 
     .venv/bin/python benchmarks/sharded_runtime.py --steps 30
 
@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distrec.config import load_config, table_specs  # noqa: E402
 from distrec.data.synth import zipf_ids  # noqa: E402
 from distrec.model.dlrm import DLRM  # noqa: E402
-from distrec.optim import make_optimizers  # noqa: E402
+from distrec.optim import make_optimizers, sparse_spec  # noqa: E402
 from distrec.loop import train_step  # noqa: E402
 from sharding.jagged import JaggedBatch  # noqa: E402
-from sharding.optim import SparseOptimizer  # noqa: E402
+from sharding.optim import OptimSpec  # noqa: E402
 from sharding.plan import simple_plan  # noqa: E402
-from sharding.runtime import ShardedEmbeddingCollection  # noqa: E402
+from sharding.runtime import EmbeddingOptimizer, ShardedEmbeddingCollection  # noqa: E402
 from sharding.types import TableConfig  # noqa: E402
 from tests.ranks import run_ranks  # noqa: E402
 
@@ -74,14 +74,18 @@ def time_steps(module, opt, batches, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def fused_vs_loop(steps: int) -> tuple[float, float]:
+def fused_vs_loop(steps: int) -> tuple[dict[str, float], float]:
+    """({kernel: seconds per step} for the fused lookups, seconds per step for the per-table loop)."""
     tables, _ = demo_tables()
     batches = make_batches(tables, 8192, 8, seed=0)
-    fused = ShardedEmbeddingCollection(tables, simple_plan(tables, 1, "table_wise"), seed=0)
+    fused = {}
+    for kernel in ("torch", "fbgemm"):
+        emb = ShardedEmbeddingCollection(tables, simple_plan(tables, 1, "table_wise"), seed=0,
+                                         optim=OptimSpec("adagrad", 0.05), kernel=kernel)
+        fused[kernel] = time_steps(emb, EmbeddingOptimizer(emb), batches, steps)
     loop = PerTableLoop(tables)
-    t_fused = time_steps(fused, SparseOptimizer(list(fused.parameters()), "adagrad", lr=0.05), batches, steps)
     t_loop = time_steps(loop, torch.optim.Adagrad(list(loop.parameters()), lr=0.05), batches, steps)
-    return t_fused, t_loop
+    return fused, t_loop
 
 
 def timed_exchanges(spent: list[float]):
@@ -108,7 +112,8 @@ def comm_rank(rank: int, world: int, steps: int) -> tuple[float, float]:
     from distrec.train import wrap_dense
 
     tables, cfg = demo_tables()
-    emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, "row_wise"), rank=rank, seed=0)
+    emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, "row_wise"), rank=rank, seed=0,
+                                     optim=sparse_spec(cfg.optimizer), kernel="fbgemm")
     torch.manual_seed(0)
     model = DLRM.from_config(cfg, emb)
     opts = make_optimizers(cfg.optimizer, model)
@@ -132,14 +137,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=30)
     args = p.parse_args()
-    t_fused, t_loop = fused_vs_loop(args.steps)
+    fused, t_loop = fused_vs_loop(args.steps)
     per_rank = run_ranks(2, comm_rank, args.steps)
     step, comm = max(r[0] for r in per_rank), max(r[1] for r in per_rank)
     print("| measure | value |\n|---|---|")
-    print(f"| embedding fwd+bwd+Adagrad, batch 8192, 26 tables: fused runtime (1 rank) | {t_fused * 1e3:.1f} ms |")
+    for kernel, t in fused.items():
+        print(f"| embedding fwd+bwd+Adagrad, batch 8192, 26 tables, 1 rank: fused runtime, kernel {kernel} | "
+              f"{t * 1e3:.1f} ms ({t_loop / t:.2f}x the loop) |")
     print(f"| same, per-table nn.EmbeddingBag loop + torch Adagrad (sparse) | {t_loop * 1e3:.1f} ms |")
-    print(f"| fused speed-up over the loop | {t_loop / t_fused:.2f}x |")
-    print(f"| DLRM step, 2 ranks row-wise, global batch 8192 | {step * 1e3:.1f} ms ({8192 / step:,.0f} samples/s) |")
+    print(f"| DLRM step, 2 ranks row-wise, fbgemm kernel, global batch 8192 | {step * 1e3:.1f} ms "
+          f"({8192 / step:,.0f} samples/s) |")
     print(f"| of which in the sparse all-to-alls, forward and backward (waits included, rank max) | {comm * 1e3:.1f} ms "
           f"({comm / step:.0%}) |")
 

@@ -1,12 +1,13 @@
 """Peer benchmark: distrec's sharded runtime vs TorchRec's DistributedModelParallel, same model, plan
 and batches, 2 CPU ranks over gloo, one run after the other on this machine.
 
-    .venv/bin/python benchmarks/torchrec_peer.py --steps 30 --plan both [--repeats 2]
+    .venv/bin/python benchmarks/torchrec_peer.py --steps 30 --plan both [--repeats 2] [--kernel fbgemm]
 
 Model: DLRM as configs/demo.toml (13 dense, 26 tables of dim 16 with the demo cardinalities, sum
 pooling, bottom MLP [64, 16], top MLP [64, 32, 1], dot interaction). Batch: global 8192 (4096 per rank),
 one-hot Zipf ids, 10 fixed batches per rank made before timing. Optimizers: exact Adagrad (lr 0.05) on
-the embeddings (distrec's SparseOptimizer; TorchRec's fused fbgemm kernel), Adam (lr 0.001) on the dense
+the embeddings (distrec: ``--kernel fbgemm``, the same fused fbgemm CPU op TorchRec uses, or ``torch``,
+its plain-PyTorch path; TorchRec: its fused fbgemm kernel), Adam (lr 0.001) on the dense
 part under DDP. TorchRec gets the very same shard placement as distrec's ``simple_plan``, built with
 ``construct_module_sharding_plan``; its CPU sharder is told that row-wise is allowed on CPU.
 
@@ -90,26 +91,28 @@ def time_steps(step, batches: list, steps: int) -> dict:
 
 # ---- distrec ---------------------------------------------------------------------------------------
 
-def distrec_rank(rank: int, world: int, plan_kind: str, steps: int) -> dict:
+def distrec_rank(rank: int, world: int, plan_kind: str, steps: int, kernel: str) -> dict:
     from distrec.dist import DistContext
     from distrec.loop import train_step
     from distrec.model.dlrm import DLRM
     from distrec.train import wrap_dense
-    from sharding.optim import SparseOptimizer
+    from sharding.optim import OptimSpec
     from sharding.plan import simple_plan
-    from sharding.runtime import ShardedEmbeddingCollection
+    from sharding.runtime import EmbeddingOptimizer, ShardedEmbeddingCollection
 
     tables, cfg = demo_setup()
-    emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, plan_kind), rank=rank, seed=0)
+    emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, plan_kind), rank=rank, seed=0,
+                                     optim=OptimSpec("adagrad", SPARSE_LR, EPS), kernel=kernel)
     torch.manual_seed(0)
     model = DLRM.from_config(cfg, emb)
-    opts = [torch.optim.Adam(model.dense_parameters(), lr=DENSE_LR, eps=EPS),
-            SparseOptimizer(list(emb.parameters()), "adagrad", lr=SPARSE_LR, eps=EPS)]
+    opts = [torch.optim.Adam(model.dense_parameters(), lr=DENSE_LR, eps=EPS), EmbeddingOptimizer(emb)]
     ddp = wrap_dense(model, DistContext(rank, world, rank, torch.device("cpu"), "gloo"))
     batches = make_batches(tables, len(cfg.schema.dense), rank)
     times = time_steps(lambda b: train_step(ddp, emb, opts, b, GLOBAL_BATCH), batches, steps)
     rows = sum(s.num_rows for _, s, _ in emb.shard_weights())
-    return {**times, "rows_held": rows, "kernel": "F.embedding_bag(sparse=True) + SparseOptimizer"}
+    name = {"torch": "F.embedding_bag(sparse=True) + SparseOptimizer",
+            "fbgemm": "fbgemm SplitTableBatchedEmbeddingBagsCodegen (CPU, EXACT_ADAGRAD fused in backward)"}
+    return {**times, "rows_held": rows, "kernel": name[emb.kernel]}
 
 
 # ---- TorchRec --------------------------------------------------------------------------------------
@@ -271,11 +274,11 @@ def run_ranks(fn, *args) -> tuple[list[dict], list[int]]:
 
 # ---- report ----------------------------------------------------------------------------------------
 
-def measure(fn, plan_kind: str, steps: int) -> dict:
+def measure(fn, plan_kind: str, steps: int, *extra) -> dict:
     """{'samples_s', 'samples_cpu_s', 'ranks', 'exit_codes'} or {'error'} for one run of one framework
     and plan; both rates are global samples over the slowest rank's wall or CPU seconds."""
     try:
-        ranks, codes = run_ranks(fn, plan_kind, steps)
+        ranks, codes = run_ranks(fn, plan_kind, steps, *extra)
     except RuntimeError as e:
         return {"error": str(e)}
     samples = GLOBAL_BATCH * steps
@@ -283,11 +286,11 @@ def measure(fn, plan_kind: str, steps: int) -> dict:
             "samples_cpu_s": samples / max(r["cpu_seconds"] for r in ranks), "ranks": ranks, "exit_codes": codes}
 
 
-def measure_pair(plan_kind: str, steps: int, repeats: int) -> tuple[list[dict], list[dict]]:
+def measure_pair(plan_kind: str, steps: int, repeats: int, kernel: str) -> tuple[list[dict], list[dict]]:
     """distrec's and TorchRec's runs, alternating, so that load from elsewhere hits both alike."""
     ours, theirs = [], []
     for _ in range(repeats):
-        ours.append(measure(distrec_rank, plan_kind, steps))
+        ours.append(measure(distrec_rank, plan_kind, steps, kernel))
         theirs.append(measure(torchrec_rank, plan_kind, steps))
         if "error" in ours[-1] or "error" in theirs[-1]:
             break
@@ -341,11 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per run (after %d warm-up)" % WARMUP_STEPS)
     p.add_argument("--plan", choices=["row_wise", "table_wise", "both"], default="row_wise")
     p.add_argument("--repeats", type=int, default=2, help="runs per framework, alternating; the best counts")
+    p.add_argument("--kernel", choices=["fbgemm", "torch"], default="fbgemm", help="distrec's lookup kernel")
     args = p.parse_args(argv)
     kinds = ["row_wise", "table_wise"] if args.plan == "both" else [args.plan]
     rows, notes = [], []
     for kind in kinds:  # may grow by a table-wise fallback
-        ours, theirs = measure_pair(kind, args.steps, args.repeats)
+        ours, theirs = measure_pair(kind, args.steps, args.repeats, args.kernel)
         rows += table_rows(kind, best(ours), best(theirs))
         notes += [f"\n### {kind}", *details(kind, "distrec", ours), *details(kind, "TorchRec", theirs),
                   *torchrec_plan_lines(theirs)]
@@ -353,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
             notes.append("\nTorchRec could not run row-wise on CPU (error above): falling back to table-wise.")
             kinds.append("table_wise")
     print(f"DLRM (configs/demo.toml), {WORLD} CPU ranks over gloo, 1 thread each, global batch {GLOBAL_BATCH}, "
-          f"{args.steps} timed steps after {WARMUP_STEPS} warm-up, best of {args.repeats} alternating runs\n")
+          f"{args.steps} timed steps after {WARMUP_STEPS} warm-up, best of {args.repeats} alternating runs, "
+          f"distrec kernel {args.kernel}\n")
     print("| framework | plan | samples/s | distrec ÷ TorchRec | samples per CPU-s | distrec ÷ TorchRec (CPU) |\n"
           "|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -80,6 +80,9 @@ class PlanConfig:
     row_wise: list[str] = field(default_factory=list)
     column_wise: list[str] = field(default_factory=list)
     data_parallel: list[str] = field(default_factory=list)
+    # Lookup kernel for the sharded tables: auto (fbgemm's table-batched op with its fused optimizer
+    # where it can run the plan, else torch) | torch (F.embedding_bag + SparseOptimizer) | fbgemm
+    kernel: str = "auto"
 
     def overrides(self) -> dict[str, str]:
         return {name: kind for kind in SHARDING_TYPES for name in getattr(self, kind)}
@@ -177,6 +180,7 @@ CHOICES = {
     ("optimizer", "sparse"): ("sgd", "adagrad", "rowwise_adagrad", "adam"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("plan", "default"): SHARDING_TYPES,
+    ("plan", "kernel"): ("auto", "torch", "fbgemm"),
 }
 
 

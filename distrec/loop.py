@@ -103,7 +103,7 @@ def _gather_to_main(obj, ctx: DistContext) -> list:
 def training_state(model: nn.Module, embeddings, optimizers, pos: Position, ctx: DistContext, config: dict) -> dict:
     """Everything a resumed run needs, on rank 0 (collective: all ranks call). Embedding shards are
     saved with their global rows and columns, so the state loads under another plan or world size."""
-    shards = _gather_to_main(export_shards(embeddings, optimizers[1]), ctx)
+    shards = _gather_to_main(export_shards(embeddings), ctx)
     rngs = _gather_to_main(rng_state(), ctx)
     dense = {k: v for k, v in model.state_dict().items() if not k.startswith("embeddings.")}
     return {"dense": dense, "dense_optimizer": optimizers[0].state_dict(),
@@ -116,7 +116,7 @@ def restore(state: dict, model: nn.Module, embeddings, optimizers, ctx: DistCont
     if unexpected or any(not k.startswith("embeddings.") for k in missing):
         raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
     optimizers[0].load_state_dict(state["dense_optimizer"])
-    import_shards(embeddings, optimizers[1], state["shards"])
+    import_shards(embeddings, state["shards"])
     if ctx.rank < len(state["rng"]):
         set_rng_state(state["rng"][ctx.rank])
     return Position(**state["position"])

@@ -1,5 +1,6 @@
-"""Optimizers: a torch optimizer for the dense MLPs, a fused sparse one for the embedding shards.
+"""Optimizers: a torch optimizer for the dense MLPs, the embedding collection's fused sparse one.
 
+    embeddings = ShardedEmbeddingCollection(tables, plan, optim=sparse_spec(cfg.optimizer), ...)
     dense_opt, sparse_opt = make_optimizers(cfg.optimizer, model)
 """
 from __future__ import annotations
@@ -8,7 +9,8 @@ import torch
 from torch import nn
 
 from distrec.config import OptimizerConfig
-from sharding.optim import SparseOptimizer
+from sharding.optim import OptimSpec
+from sharding.runtime import EmbeddingOptimizer
 
 
 def _dense(kind: str, params: list[nn.Parameter], lr: float, eps: float) -> torch.optim.Optimizer:
@@ -19,8 +21,10 @@ def _dense(kind: str, params: list[nn.Parameter], lr: float, eps: float) -> torc
     return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
-def make_optimizers(cfg: OptimizerConfig, model: nn.Module) -> list[torch.optim.Optimizer]:
-    """``model`` is the unwrapped DLRM (it knows which parameters are embeddings)."""
-    sparse = list(model.embeddings.parameters())
-    return [_dense(cfg.dense, model.dense_parameters(), cfg.dense_lr, cfg.eps),
-            SparseOptimizer(sparse, cfg.sparse, lr=cfg.sparse_lr, eps=cfg.eps)]
+def sparse_spec(cfg: OptimizerConfig) -> OptimSpec:
+    return OptimSpec(cfg.sparse, lr=cfg.sparse_lr, eps=cfg.eps)
+
+
+def make_optimizers(cfg: OptimizerConfig, model: nn.Module) -> list:
+    """``model`` is the unwrapped DLRM whose embeddings were built with ``optim=sparse_spec(cfg)``."""
+    return [_dense(cfg.dense, model.dense_parameters(), cfg.dense_lr, cfg.eps), EmbeddingOptimizer(model.embeddings)]

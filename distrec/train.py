@@ -22,7 +22,7 @@ from distrec.dist import DistContext, all_reduce_sum, init_distributed, shutdown
 from distrec.logs import MetricsLog, write_resolved_config
 from distrec.loop import Position, evaluate, pipelined, restore, train_step, training_state
 from distrec.model.dlrm import DLRM
-from distrec.optim import make_optimizers
+from distrec.optim import make_optimizers, sparse_spec
 from sharding.plan import describe_plan, load_plan, simple_plan
 from sharding.runtime import InputError, ShardedEmbeddingCollection
 from sharding.types import PlanError, TableConfig
@@ -57,7 +57,9 @@ def wrap_dense(model: DLRM, ctx: DistContext):
     all-to-all (shards) or all-reduce (replicas) in the sharded runtime."""
     if ctx.backend == "none":
         return model
-    ignore = [f"embeddings.{name}" for name, _ in model.embeddings.named_parameters()]
+    # Buffers too: DDP would otherwise broadcast rank 0's kernel metadata (fbgemm's row offsets) to all.
+    ignore = [f"embeddings.{name}" for name, _ in [*model.embeddings.named_parameters(),
+                                                    *model.embeddings.named_buffers()]]
     DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ddp = DDP(model)
     ddp.register_comm_hook(None, _sum_gradients)
@@ -73,7 +75,8 @@ def run(cfg: Config, ctx: DistContext) -> dict:
     plan = load_plan(cfg.plan.file, tables, ctx.world_size) if cfg.plan.file else \
         simple_plan(tables, ctx.world_size, cfg.plan.default, cfg.plan.overrides())
     torch.manual_seed(cfg.train.seed)
-    embeddings = ShardedEmbeddingCollection(tables, plan, rank=ctx.rank, seed=cfg.train.seed, device=ctx.device)
+    embeddings = ShardedEmbeddingCollection(tables, plan, rank=ctx.rank, seed=cfg.train.seed, device=ctx.device,
+                                            optim=sparse_spec(cfg.optimizer), kernel=cfg.plan.kernel)
     model = DLRM.from_config(cfg, embeddings).to(ctx.device)
     optimizers = make_optimizers(cfg.optimizer, model)
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
@@ -90,6 +93,7 @@ def run(cfg: Config, ctx: DistContext) -> dict:
         write_resolved_config(cfg.logging.dir, dump_toml(cfg))
         log.info(f"plan on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}:\n"
                  + describe_plan(plan, tables))
+        log.info(f"embedding kernel: {embeddings.kernel} ({embeddings.kernel_reason})")
         log.info("pipeline: " + ("on: batch i+1's ids are exchanged while batch i trains (input_wait_ms in "
                                  "metrics.jsonl shows how much of it was not hidden)" if cfg.train.pipeline else "off"))
         if pos.step:

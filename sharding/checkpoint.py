@@ -1,7 +1,7 @@
 """Shard-level checkpoint state with global offsets, and loading it under another plan or world size.
 
-    saved = export_shards(emb, opt)                  # this rank's shards: weights + optimizer state
-    import_shards(emb, opt, saved_from_all_ranks)    # any plan, any world size: rows/cols are global
+    saved = export_shards(emb)                  # this rank's shards: weights + optimizer state
+    import_shards(emb, saved_from_all_ranks)    # any plan, any world size: rows/cols are global
 
 Each entry names its table and the global rows and columns it covers, so a loader fills each of its
 shards from whichever saved pieces overlap it (resharding N -> M). Per-row optimizer state of a
@@ -11,26 +11,16 @@ from __future__ import annotations
 
 import torch
 
-from sharding.optim import SparseOptimizer, state_names
+from sharding.optim import state_names
 from sharding.runtime import ShardedEmbeddingCollection
 from sharding.types import PlanError, Shard
 
 
-def _state_slice(opt: SparseOptimizer, param, start: int, rows: int, kind: str) -> dict:
-    state = opt.state.get(param, {})
-    out = {}
-    for name, rule in state_names(kind).items():
-        if name in state:
-            out[name] = state[name].clone() if rule == "scalar" else state[name][start:start + rows].clone()
-    return out
-
-
-def export_shards(emb: ShardedEmbeddingCollection, opt: SparseOptimizer) -> list[dict]:
-    kind = opt.param_groups[0]["kind"]
+def export_shards(emb: ShardedEmbeddingCollection) -> list[dict]:
+    """This rank's shards and replicas: weights and optimizer state, each with its global rows and columns."""
     return [{"table": name, "rows": (s.row_start, s.row_end), "cols": (s.col_start, s.col_end),
-             "weight": w[start:start + s.num_rows].detach().clone(),
-             "state": _state_slice(opt, w, start, s.num_rows, kind)}
-            for name, s, w, start in emb.held_shards()]
+             "weight": w.detach().clone(), "state": {k: v.detach().clone() for k, v in state.items()}}
+            for name, s, w, state in emb.held_shards()]
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
@@ -100,15 +90,7 @@ def recut(pieces: list[dict], targets: list[tuple[str, Shard]], kind: str) -> li
 
 
 @torch.no_grad()
-def import_shards(emb: ShardedEmbeddingCollection, opt: SparseOptimizer, pieces: list[dict]) -> None:
-    kind = opt.param_groups[0]["kind"]
-    for name, s, w, start in emb.held_shards():
-        state = opt.state[w]
-        if not state:
-            for key, rule in state_names(kind).items():
-                state[key] = torch.tensor(0.0) if rule == "scalar" else (
-                    w.new_zeros(w.shape[0]) if rule == "row" else torch.zeros_like(w))
-        target = {"weight": w[start:start + s.num_rows]}
-        for key, rule in state_names(kind).items():
-            target[key] = state[key] if rule == "scalar" else state[key][start:start + s.num_rows]
-        _fill(name, s, target, pieces)
+def import_shards(emb: ShardedEmbeddingCollection, pieces: list[dict]) -> None:
+    """Fill every shard held here from the saved pieces that overlap it (any plan, any world size)."""
+    for name, s, w, state in emb.held_shards():
+        _fill(name, s, {"weight": w, **state}, pieces)

@@ -88,6 +88,13 @@ class SparseOptimizer(torch.optim.Optimizer):
         # kind lives in the param group so a saved state_dict says what its state means.
         super().__init__(params, dict(kind=kind, lr=lr, eps=eps, betas=tuple(betas)))
 
+    def init_state(self) -> None:
+        """Make every param's state now (zeros), not at its first step, so it can be viewed and loaded."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    _init_state(self.state[p], p, group["kind"])
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

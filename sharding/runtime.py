@@ -24,12 +24,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sharding.comm import all_reduce_, all_to_all, exchange, start_exchange, world_size
-from sharding.init import init_rows
 from sharding.jagged import JaggedBatch
+from sharding.lookup import Placed, TorchLookup, choose_kernel, make_lookup
+from sharding.optim import OptimSpec
 from sharding.plan import validate_plan
 from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig
 
@@ -59,83 +59,35 @@ class InputError(ValueError):
     """Bad input seen by some rank; raised on every rank so that none is left waiting in a collective."""
 
 
-@dataclass(frozen=True)
-class _Placed:
-    """A shard of table ``table`` (index into the table list), as the runtime places it."""
-
-    table: int
-    shard: Shard
-
-
-class _FusedWeights(nn.Module):
-    """Shards grouped by width, each group one weight; ``row_offset[i]`` locates shard i in its group."""
-
-    def __init__(self, placed: list[_Placed], tables: list[TableConfig], seed: int):
-        super().__init__()
-        self.widths = sorted({p.shard.width for p in placed})
-        self.group = [self.widths.index(p.shard.width) for p in placed]
-        self.weights, self.row_offset = nn.ParameterList(), [0] * len(placed)
-        for g in range(len(self.widths)):
-            blocks, start = [], 0
-            for i in (i for i in range(len(placed)) if self.group[i] == g):
-                p, t = placed[i], tables[placed[i].table]
-                blocks.append(init_rows(seed, p.table, t.num_rows, t.dim, (p.shard.row_start, p.shard.row_end),
-                                        (p.shard.col_start, p.shard.col_end)))
-                self.row_offset[i], start = start, start + p.shard.num_rows
-            self.weights.append(nn.Parameter(torch.cat(blocks)))
-
-    def pool(self, shard_of_bag: torch.Tensor, lengths: torch.Tensor, values: torch.Tensor,
-             weights: torch.Tensor | None) -> torch.Tensor:
-        """Sum-pool each bag with its shard; returns the pooled rows flattened in bag order."""
-        device = values.device
-        if len(self.widths) == 1:  # one width: the bags are already in output order
-            offset = torch.tensor(self.row_offset, dtype=torch.int64, device=device)[shard_of_bag]
-            ids = values + torch.repeat_interleave(offset, lengths)
-            out = F.embedding_bag(ids, self.weights[0], torch.cumsum(lengths, 0) - lengths, mode="sum",
-                                  per_sample_weights=weights, sparse=True)
-            return out.reshape(-1)
-        group = torch.tensor(self.group, dtype=torch.int64, device=device)[shard_of_bag]
-        offset = torch.tensor(self.row_offset, dtype=torch.int64, device=device)[shard_of_bag]
-        width_of_bag = torch.tensor(self.widths, dtype=torch.int64, device=device)[group]
-        bag_start = torch.cumsum(width_of_bag, 0) - width_of_bag
-        positions, pooled = [], []
-        for g, width in enumerate(self.widths):
-            in_group = group == g
-            keep = torch.repeat_interleave(in_group, lengths)
-            ids = values[keep] + torch.repeat_interleave(offset[in_group], lengths[in_group])
-            offsets = torch.cumsum(lengths[in_group], 0) - lengths[in_group]
-            psw = weights[keep] if weights is not None else None
-            out = F.embedding_bag(ids, self.weights[g], offsets, mode="sum", per_sample_weights=psw, sparse=True)
-            positions.append((bag_start[in_group][:, None] + torch.arange(width, device=device)).reshape(-1))
-            pooled.append(out.reshape(-1))
-        total = int(width_of_bag.sum())
-        if not pooled:
-            return torch.zeros(total, device=device)
-        return torch.zeros(total, device=device, dtype=pooled[0].dtype).index_copy(
-            0, torch.cat(positions), torch.cat(pooled))
-
-
 class ShardedEmbeddingCollection(nn.Module):
     def __init__(self, tables: list[TableConfig], plan: ShardingPlan, rank: int = 0, group=None, seed: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", optim: OptimSpec | None = None, kernel: str = "auto"):
         super().__init__()
         self.world = world_size(group)
         validate_plan(plan, tables, self.world)
         self.tables, self.rank, self.group = list(tables), rank, group
         self.names = [t.name for t in tables]
         self.dims = [t.dim for t in tables]
-        self.col_offset = [sum(self.dims[:i]) for i in range(len(tables))]
         kinds = [plan.tables[t.name].sharding_type for t in tables]
         # Per destination rank, its shards in one canonical order every rank agrees on.
-        self.dst_shards = [[_Placed(i, s)
+        self.dst_shards = [[Placed(i, s)
                             for i, t in enumerate(tables) if kinds[i] != ShardingType.DATA_PARALLEL
                             for s in plan.tables[t.name].shards if s.rank == d] for d in range(self.world)]
-        self.local = _FusedWeights(self.dst_shards[rank], tables, seed)
+        shapes = [(p.shard.num_rows, p.shard.width) for shards in self.dst_shards for p in shards]
+        # Decided from the whole plan, so every rank runs the same kernel.
+        self.kernel, self.kernel_reason = choose_kernel(kernel, shapes, optim, torch.device(device))
+        self.local = make_lookup(self.dst_shards[rank], tables, seed, optim, self.kernel, torch.device(device))
         self.replicated = [i for i, k in enumerate(kinds) if k == ShardingType.DATA_PARALLEL]
-        self.replicas = _FusedWeights([_Placed(i, plan.tables[tables[i].name].shards[0])
-                                       for i in self.replicated], tables, seed)
+        self.replicas = TorchLookup([Placed(i, plan.tables[tables[i].name].shards[0]) for i in self.replicated],
+                                    tables, seed, optim)
+        self.optim = optim
         self.recv_width = [sum(p.shard.width for p in shards) for shards in self.dst_shards]
         self.has_mean = any(t.pooling == "mean" for t in tables)
+        # Pure row-wise over all ranks (or table-wise on one): rank d's block of pooled columns is already
+        # the output layout, so combining them is a sum.
+        full = [(i, 0, dim) for i, dim in enumerate(self.dims)]
+        self._blocks_in_table_order = not self.replicated and all(
+            [(p.table, p.shard.col_start, p.shard.width) for p in shards] == full for shards in self.dst_shards)
         self._routing()
         self.to(device)
 
@@ -238,8 +190,7 @@ class ShardedEmbeddingCollection(nn.Module):
         return InputDist(sparse, batch_sizes, id_counts, got, work, weights, weights_work)
 
     def _arrived(self, inc: InputDist):
-        """Wait for the ids; (shard of each received bag, lengths, ids, weights) in (source, shard,
-        sample) order."""
+        """Wait for the ids; (lengths, ids, weights) of the received bags in (source, shard, sample) order."""
         start = time.perf_counter()
         for work in (inc.work, inc.weights_work):
             if work is not None:
@@ -249,20 +200,22 @@ class ShardedEmbeddingCollection(nn.Module):
         got = torch.split(inc.payload, [mine * b + n for b, n in zip(inc.batch_sizes, inc.id_counts)])
         lengths = torch.cat([g[:mine * b] for g, b in zip(got, inc.batch_sizes)])
         values = torch.cat([g[mine * b:] for g, b in zip(got, inc.batch_sizes)])
-        shard_of_bag = torch.cat([torch.arange(mine).repeat_interleave(b) for b in inc.batch_sizes])
-        return shard_of_bag, lengths, values, inc.weights
+        return lengths, values, inc.weights
 
     # ---- output dist ------------------------------------------------------------------------------
     def _combine(self, received: torch.Tensor, replicas: torch.Tensor, batch: int) -> torch.Tensor:
         """[batch, sum(dims)] from the pooled pieces: a table's column shards side by side in column
         order, its row shards' partial sums added, its replica as looked up here."""
+        blocks = torch.split(received, [batch * w for w in self.recv_width])
+        if self._blocks_in_table_order:  # every rank sent all tables' columns in order: just add them up
+            return sum(block.view(batch, -1) for block in blocks if block.numel() or batch == 0)
         pieces: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.tables]
-        flat = torch.split(received, [batch * p.shard.width for shards in self.dst_shards for p in shards])
-        placed = [p for shards in self.dst_shards for p in shards]
-        for p, piece in zip(placed, flat):
-            pieces[p.table].append((p.shard.col_start, piece.view(batch, p.shard.width)))
-        for i, piece in zip(self.replicated, torch.split(replicas, [batch * self.dims[i] for i in self.replicated])):
-            pieces[i].append((0, piece.view(batch, self.dims[i])))
+        # split, not slicing: each slice's backward would build a zero gradient of the whole block
+        for shards, block, width in zip(self.dst_shards, blocks, self.recv_width):
+            for p, piece in zip(shards, torch.split(block.view(batch, width), [p.shard.width for p in shards], 1)):
+                pieces[p.table].append((p.shard.col_start, piece))
+        for i, piece in zip(self.replicated, torch.split(replicas, [self.dims[i] for i in self.replicated], 1)):
+            pieces[i].append((0, piece))
         out = []
         for t, table_pieces in enumerate(pieces):
             by_col: dict[int, torch.Tensor] = {}
@@ -272,16 +225,15 @@ class ShardedEmbeddingCollection(nn.Module):
         return torch.cat(out, dim=1)
 
     def _replica_lookup(self, sparse: JaggedBatch) -> torch.Tensor:
-        if not self.replicated:
-            return torch.zeros(0)
         batch = sparse.batch_size
+        if not self.replicated:
+            return torch.zeros(batch, 0)
         lengths = sparse.lengths.view(len(self.tables), batch)
         per_key = torch.split(sparse.values, sparse.length_per_key())
         weights = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
-        shard_of_bag = torch.arange(len(self.replicated)).repeat_interleave(batch)
         w = torch.cat([weights[i] for i in self.replicated]) if weights is not None else None
-        return self.replicas.pool(shard_of_bag, lengths[self.replicated].reshape(-1),
-                                  torch.cat([per_key[i] for i in self.replicated]), w)
+        return self.replicas.pool(lengths[self.replicated].reshape(-1), torch.cat([per_key[i] for i in self.replicated]),
+                                  w, [batch])
 
     def _mean_divisor(self, sparse: JaggedBatch) -> torch.Tensor:
         lengths = sparse.lengths.view(len(self.tables), -1).t().clamp(min=1).to(torch.float32)
@@ -294,10 +246,10 @@ class ShardedEmbeddingCollection(nn.Module):
         InputDist of one already started."""
         inc = sparse if isinstance(sparse, InputDist) else self.start_input_dist(sparse)
         sparse, batch = inc.sparse, inc.batch_size
-        pooled = self.local.pool(*self._arrived(inc))
+        pooled = self.local.pool(*self._arrived(inc), inc.batch_sizes)  # [samples of all sources, my width]
         w_mine = self.recv_width[self.rank]
-        received = all_to_all(pooled, [b * w_mine for b in inc.batch_sizes], [batch * w for w in self.recv_width],
-                              self.group)
+        received = all_to_all(pooled.reshape(-1), [b * w_mine for b in inc.batch_sizes],
+                              [batch * w for w in self.recv_width], self.group)
         out = self._combine(received, self._replica_lookup(sparse), batch)
         return out / self._mean_divisor(sparse) if self.has_mean else out
 
@@ -318,16 +270,38 @@ class ShardedEmbeddingCollection(nn.Module):
             rows = torch.nonzero(dense[:, -1]).reshape(-1)
             p.grad = torch.sparse_coo_tensor(rows[None], dense[rows, :-1], p.shape)
 
-    def held_shards(self) -> list[tuple[str, Shard, nn.Parameter, int]]:
-        """(table, shard, fused weight, first row in it) for every shard and replica held here."""
-        replicas = [_Placed(i, Shard(self.rank, 0, self.tables[i].num_rows, 0, self.dims[i]))
-                    for i in self.replicated]
+    def step(self) -> None:
+        """Apply the sparse optimizer where backward has not already (torch kernel, replicas)."""
+        self.local.step()
+        self.replicas.step()
+
+    def held_shards(self) -> list[tuple[str, Shard, torch.Tensor, dict[str, torch.Tensor]]]:
+        """(table, shard, its rows here, its optimizer state) for every shard and replica held here;
+        rows and state are views, so writing them changes the shard."""
         out = []
-        for fused, placed in ((self.local, self.dst_shards[self.rank]), (self.replicas, replicas)):
-            for i, p in enumerate(placed):
-                out.append((self.names[p.table], p.shard, fused.weights[fused.group[i]], fused.row_offset[i]))
+        for lookup in (self.local, self.replicas):
+            for i, p in enumerate(lookup.placed):
+                shard = p.shard if lookup is self.local else Shard(self.rank, 0, p.shard.num_rows, 0, p.shard.width)
+                out.append((self.names[p.table], shard, *lookup.views(i)))
         return out
 
     def shard_weights(self) -> list[tuple[str, Shard, torch.Tensor]]:
         """(table, shard, this rank's rows of it) for every shard and replica held here."""
-        return [(name, s, w[start:start + s.num_rows]) for name, s, w, start in self.held_shards()]
+        return [(name, s, w) for name, s, w, _ in self.held_shards()]
+
+
+class EmbeddingOptimizer:
+    """The sparse optimizer as a training loop sees it (``step``, ``zero_grad``) for a collection
+    whose rows may already have been updated inside backward by a fused kernel.
+
+        optimizers = [torch.optim.Adam(dense_params), EmbeddingOptimizer(emb)]
+    """
+
+    def __init__(self, emb: ShardedEmbeddingCollection):
+        self.emb = emb
+
+    def step(self) -> None:
+        self.emb.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass  # step() clears the gradients it used; fused kernels make none

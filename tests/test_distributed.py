@@ -1,4 +1,5 @@
-"""Real ranks on gloo: N ranks with the same global batch and seed follow the 1-rank trajectory."""
+"""Real ranks on gloo: N ranks with the same global batch and seed follow the 1-rank trajectory, with the
+plain-PyTorch lookup kernel as the 1-rank reference and either kernel (torch, fbgemm) on N ranks."""
 import json
 
 import pytest
@@ -35,7 +36,8 @@ def final_tables(ckpt_dir):
 def one_rank(small_data, tmp_path_factory):
     cfg_path, data = small_data
     out = tmp_path_factory.mktemp("w1")
-    return (*trajectory(cfg_path, data, out, 1, f"--checkpoint.dir={out / 'ckpt'}"), final_tables(out / "ckpt"))
+    return (*trajectory(cfg_path, data, out, 1, f"--checkpoint.dir={out / 'ckpt'}", "--plan.kernel=torch"),
+            final_tables(out / "ckpt"))
 
 
 def assert_same_losses(losses, ref_losses):
@@ -44,11 +46,18 @@ def assert_same_losses(losses, ref_losses):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: {a} vs {b}"
 
 
-@pytest.mark.parametrize("world,plan", [(2, []), (3, []), (2, MIXED), (3, [*MIXED, "--train.pipeline=true"])],
-                         ids=["2-row_wise", "3-row_wise", "2-mixed", "3-mixed-pipelined"])
-def test_same_loss_trajectory_and_eval_as_one_rank(small_data, one_rank, tmp_path, world, plan):
+PIPELINED = [*MIXED, "--train.pipeline=true"]
+
+
+# Column shards of the 8-wide c1 are 4 wide on 2 ranks (fbgemm can take them), 3/3/2 on 3 ranks (torch only).
+@pytest.mark.parametrize("world,plan,kernel", [(2, [], "fbgemm"), (3, [], "torch"), (2, MIXED, "fbgemm"),
+                                               (3, PIPELINED, "torch"), (2, PIPELINED, "fbgemm")],
+                         ids=["2-row_wise-fbgemm", "3-row_wise-torch", "2-mixed-fbgemm", "3-mixed-pipelined-torch",
+                              "2-mixed-pipelined-fbgemm"])
+def test_same_loss_trajectory_and_eval_as_one_rank(small_data, one_rank, tmp_path, world, plan, kernel):
     cfg_path, data = small_data
-    losses, evals, stdout = trajectory(cfg_path, data, tmp_path, world, *plan, f"--checkpoint.dir={tmp_path / 'ckpt'}")
+    losses, evals, stdout = trajectory(cfg_path, data, tmp_path, world, *plan, f"--plan.kernel={kernel}",
+                                       f"--checkpoint.dir={tmp_path / 'ckpt'}")
     ref_losses, ref_evals, _, ref_tables = one_rank
     assert_same_losses(losses, ref_losses)
     for name, (weight, state) in final_tables(tmp_path / "ckpt").items():  # after 50 steps
@@ -58,6 +67,7 @@ def test_same_loss_trajectory_and_eval_as_one_rank(small_data, one_rank, tmp_pat
     for (_, auc, _), (_, ref_auc, _) in zip(evals, ref_evals):
         assert auc == pytest.approx(ref_auc, abs=1e-4)  # gathered over all ranks, not averaged per rank
     assert f"plan on {world} rank(s), backend gloo" in stdout
+    assert f"embedding kernel: {kernel} (" in stdout
     assert ("pipeline: on" in stdout) == ("--train.pipeline=true" in plan)
     assert stdout.strip().splitlines()[-1].startswith("final: step 50 | auc")
 

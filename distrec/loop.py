@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from distrec.checkpoint import Checkpoint
 from distrec.data.loader import Batch, ParquetLoader
 from distrec.dist import DistContext
 from distrec.metrics import auc, gather_predictions, logloss
@@ -92,31 +93,29 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _gather_to_main(obj, ctx: DistContext) -> list:
-    if ctx.backend == "none":
-        return [obj]
-    out = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def training_state(model: nn.Module, embeddings, optimizers, pos: Position, ctx: DistContext, config: dict) -> dict:
-    """Everything a resumed run needs, on rank 0 (collective: all ranks call). Embedding shards are
-    saved with their global rows and columns, so the state loads under another plan or world size."""
-    shards = _gather_to_main(export_shards(embeddings), ctx)
-    rngs = _gather_to_main(rng_state(), ctx)
+def training_state(model: nn.Module, embeddings, optimizers, pos: Position, ctx: DistContext,
+                   config: dict) -> tuple[dict | None, dict]:
+    """(what rank 0 saves for all: dense model and optimizer, position, config; None on other ranks,
+    what this rank saves: its embedding shards with their global rows and columns, and its RNG state).
+    Shards carry global offsets, so the state loads under another plan or world size."""
+    own = {"shards": export_shards(embeddings), "rng": rng_state()}
+    if not ctx.is_main:
+        return None, own
     dense = {k: v for k, v in model.state_dict().items() if not k.startswith("embeddings.")}
-    return {"dense": dense, "dense_optimizer": optimizers[0].state_dict(),
-            "shards": [p for rank in shards for p in rank] if ctx.is_main else None,
-            "position": vars(pos).copy(), "rng": rngs, "world_size": ctx.world_size, "config": config}
+    return {"dense": dense, "dense_optimizer": optimizers[0].state_dict(), "position": vars(pos).copy(),
+            "world_size": ctx.world_size, "config": config}, own
 
 
-def restore(state: dict, model: nn.Module, embeddings, optimizers, ctx: DistContext) -> Position:
-    missing, unexpected = model.load_state_dict(state["dense"], strict=False)
+def restore(ckpt: Checkpoint, model: nn.Module, embeddings, optimizers, ctx: DistContext) -> Position:
+    """Load a checkpoint saved under any plan and world size; each rank reads only the rank files that
+    hold rows of its own shards."""
+    common = ckpt.common
+    missing, unexpected = model.load_state_dict(common["dense"], strict=False)
     if unexpected or any(not k.startswith("embeddings.") for k in missing):
         raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
-    optimizers[0].load_state_dict(state["dense_optimizer"])
-    import_shards(embeddings, state["shards"])
-    if ctx.rank < len(state["rng"]):
-        set_rng_state(state["rng"][ctx.rank])
-    return Position(**state["position"])
+    optimizers[0].load_state_dict(common["dense_optimizer"])
+    wanted = [(name, (s.row_start, s.row_end), (s.col_start, s.col_end)) for name, s, _, _ in embeddings.held_shards()]
+    import_shards(embeddings, ckpt.pieces(wanted))
+    if ctx.rank < ckpt.world_size:  # same rank, same random stream as before the stop
+        set_rng_state(ckpt.rank_state(ctx.rank)["rng"])
+    return Position(**common["position"])

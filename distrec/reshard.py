@@ -33,27 +33,35 @@ def unsharded(state: dict) -> dict:
             "step": state["position"]["step"]}
 
 
-def resharded(state: dict, cfg: Config, world_size: int) -> dict:
+def resharded(state: dict, cfg: Config, world_size: int) -> tuple[dict, list[dict]]:
+    """(common part, one rank file's content per new rank): the shards cut for the new plan, each on the
+    rank that will hold it; a data-parallel table goes to every rank."""
     tables = _tables(state)
     plan = load_plan(cfg.plan.file, tables, world_size) if cfg.plan.file else \
         simple_plan(tables, world_size, cfg.plan.default, cfg.plan.overrides())
-    targets = [(t.name, s) for t in tables for s in plan.tables[t.name].shards]
-    return {**state, "shards": recut(state["shards"], targets, state["config"]["optimizer"]["sparse"]),
-            "world_size": world_size}
+    kind = state["config"]["optimizer"]["sparse"]
+    owns = []
+    for rank in range(world_size):
+        targets = [(t.name, s) for t in tables for s in plan.tables[t.name].shards if s.rank == rank]
+        rng = state["rng"][rank] if rank < len(state["rng"]) else None
+        owns.append({"shards": recut(state["shards"], targets, kind), "rng": rng})
+    common = {k: v for k, v in state.items() if k not in ("shards", "rng")}
+    return {**common, "world_size": world_size}, owns
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     state = load_latest(args.checkpoint)
     if state is None:
-        raise FileNotFoundError(f"{args.checkpoint}: no checkpoint (step_*.pt) found")
+        raise FileNotFoundError(f"{args.checkpoint}: no checkpoint (step_*/) found")
     if args.unsharded:
         torch.save(unsharded(state), args.out)
         print(f"wrote {args.out}: step {state['position']['step']}, every table whole")
         return 0
     cfg = load_config(None, rest)
-    new = resharded(state, cfg, args.world_size)
-    save_checkpoint(Path(args.out), state["position"]["step"], new, keep=1)
-    print(f"wrote {args.out}: step {state['position']['step']}, {len(new['shards'])} shards for {args.world_size} ranks")
+    common, owns = resharded(state, cfg, args.world_size)
+    save_checkpoint(Path(args.out), state["position"]["step"], common, owns, keep=1)
+    print(f"wrote {args.out}: step {state['position']['step']}, {sum(len(o['shards']) for o in owns)} shards "
+          f"for {args.world_size} ranks")
     return 0
 
 

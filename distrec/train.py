@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distrec.checkpoint import load_latest, save_checkpoint
+from distrec.checkpoint import open_latest, save_sharded
 from distrec.config import Config, ConfigError, dump_toml, load_config, table_specs, to_dict
 from distrec.data.loader import Columns, ParquetLoader
 from distrec.data.manifest import DataError, check_schema, read_manifest, split_files
@@ -82,8 +82,8 @@ def run(cfg: Config, ctx: DistContext) -> dict:
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
     pos = Position()
-    if cfg.checkpoint.resume and cfg.checkpoint.dir and (state := load_latest(cfg.checkpoint.dir)):
-        pos = restore(state, model, embeddings, optimizers, ctx)
+    if cfg.checkpoint.resume and cfg.checkpoint.dir and (ckpt := open_latest(cfg.checkpoint.dir)):
+        pos = restore(ckpt, model, embeddings, optimizers, ctx)
     ddp = wrap_dense(model, ctx)
     total = train_loader.num_batches() * cfg.train.epochs
     if cfg.train.max_steps:
@@ -170,11 +170,8 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
 
 
 def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position) -> None:
-    state = training_state(model, model.embeddings, optimizers, pos, ctx, to_dict(cfg))
-    if ctx.is_main:
-        save_checkpoint(cfg.checkpoint.dir, pos.step, state, keep=cfg.checkpoint.keep)
-    if ctx.backend != "none":
-        torch.distributed.barrier()
+    common, own = training_state(model, model.embeddings, optimizers, pos, ctx, to_dict(cfg))
+    save_sharded(cfg.checkpoint.dir, pos.step, common, own, ctx.rank, ctx.world_size, keep=cfg.checkpoint.keep)
 
 
 def summary_line(result: dict) -> str:

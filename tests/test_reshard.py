@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from distrec.train import main as train_main
+from distrec.checkpoint import load_latest, open_latest
 from sharding.checkpoint import recut
 from sharding.plan import simple_plan
 from sharding.types import PlanError, Shard, TableConfig
@@ -46,7 +47,7 @@ def test_cli_unshards_and_reshards_a_training_checkpoint(small_data, tmp_path):
     ckpt = tmp_path / "ckpt"
     assert train_main(["--config", str(cfg_path), f"--data.path={data}", "--train.max_steps=5",
                        f"--checkpoint.dir={ckpt}", "--plan.default=row_wise"]) == 0
-    state = torch.load(sorted(ckpt.glob("step_*.pt"))[-1], weights_only=False)
+    state = load_latest(ckpt)
     r = run_cli("-m", "distrec", "reshard", "--checkpoint", str(ckpt), "--out", str(tmp_path / "m.pt"), "--unsharded")
     assert r.returncode == 0, r.stderr
     model = torch.load(tmp_path / "m.pt", weights_only=False)
@@ -56,7 +57,10 @@ def test_cli_unshards_and_reshards_a_training_checkpoint(small_data, tmp_path):
     r = run_cli("-m", "distrec", "reshard", "--checkpoint", str(ckpt), "--out", str(tmp_path / "c4"),
                 "--world-size", "4", "--plan.default=column_wise")
     assert r.returncode == 0, r.stderr
-    four = torch.load(tmp_path / "c4" / "step_5.pt", weights_only=False)
-    assert four["world_size"] == 4 and {p["cols"] for p in four["shards"] if p["table"] == "c1"} == {(0, 2), (2, 4), (4, 6), (6, 8)}
+    four = open_latest(tmp_path / "c4")
+    assert four.path.name == "step_5" and four.common["world_size"] == 4 and four.world_size == 4
+    # Each new rank's file holds exactly its own column of c1.
+    assert [[c for t, _, c in held if t == "c1"] for held in four.index] == [[[0, 2]], [[2, 4]], [[4, 6]], [[6, 8]]]
+    assert [p["cols"] for p in four.rank_state(2)["shards"] if p["table"] == "c1"] == [(4, 6)]
     r = run_cli("-m", "distrec", "reshard", "--checkpoint", str(tmp_path / "none"), "--out", "x")
     assert r.returncode == 2 and "no checkpoint" in r.stderr

@@ -1,5 +1,6 @@
 """The trainer in one process: logs, evaluation, checkpoints, resume, errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,24 +64,43 @@ def test_resume_continues_to_the_same_result(small_data, tmp_path):
     assert auc_part == auc_whole
 
 
+def _own(rank):
+    return {"shards": [{"table": "t", "rows": (rank * 5, rank * 5 + 5), "cols": (0, 4), "weight": torch.ones(5, 4) * rank,
+                        "state": {}}], "rng": None}
+
+
 def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    ckpt.save_checkpoint(tmp_path, 10, {"x": torch.ones(3)})
+    ckpt.save_checkpoint(tmp_path, 10, {"x": torch.ones(3)}, [_own(0), _own(1)])
+    real_save = torch.save
 
-    def crash(obj, f):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
+    def crash_on_second_rank_file(obj, f):
+        if "rank_1" in str(f.name):
+            f.write(b"half a checkpoint")
+            raise OSError("disk full")
+        real_save(obj, f)
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(torch, "save", crash_on_second_rank_file)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(tmp_path, 20, {"x": torch.zeros(3)})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_10.pt"]
+        ckpt.save_checkpoint(tmp_path, 20, {"x": torch.zeros(3)}, [_own(0), _own(1)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_10"]
     assert torch.equal(ckpt.load_latest(tmp_path)["x"], torch.ones(3))
+
+
+def test_each_rank_file_is_read_only_when_its_rows_are_wanted(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, {"x": 1}, [_own(0), _own(1), _own(2)])
+    opened = ckpt.open_latest(tmp_path)
+    read = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda path, **kw: read.append(Path(path).name) or real_load(path, **kw))
+    pieces = opened.pieces([("t", (6, 9), (0, 4))])  # rows 6-8: rank 1's piece only
+    assert read == ["rank_1.pt"] and [p["rows"] for p in pieces] == [(5, 10)]
+    assert torch.equal(pieces[0]["weight"], torch.ones(5, 4))
 
 
 def test_keeps_the_newest_checkpoints(tmp_path):
     for step in (1, 2, 3, 4):
-        ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep=2)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_3.pt", "step_4.pt"]
+        ckpt.save_checkpoint(tmp_path, step, {"step": step}, [_own(0)], keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_3", "step_4"]
     assert ckpt.load_latest(tmp_path)["step"] == 4
     assert ckpt.load_latest(tmp_path / "empty") is None
 

@@ -1,7 +1,11 @@
 """The sharded embedding runtime: executes a plan for a collection of embedding-bag tables across ranks.
 
-    emb = ShardedEmbeddingCollection(tables, plan, rank=dist.get_rank(), seed=0)
+    emb = ShardedEmbeddingCollection(tables, plan, rank=dist.get_rank(), seed=0,
+                                     optim=OptimSpec("adagrad", lr=0.05), kernel="auto")
     pooled = emb(jagged_batch)            # [local batch, sum of dims], tables in order
+    loss_of(pooled).backward()
+    emb.sync_replica_grads()              # data-parallel tables: all-reduce their gradients
+    emb.step()                            # rows not already updated inside backward
 
 Every sharding type is a set of shards (rank, row range, column range), and one forward is the same three
 steps for all of them:
@@ -9,14 +13,15 @@ steps for all of them:
 1. input dist: each feature's bags are cut per shard (row-wise: the ids in the shard's row range, shifted
    to shard-local rows; table- and column-wise: the whole bag) and sent to the shard's rank; counts go
    first, then lengths and ids in one ``all_to_all_single``, then per-sample weights if any;
-2. local lookup: the owner pools every received bag of all its shards in one fused ``embedding_bag``
-   per shard width (not a loop over tables);
+2. local lookup: the owner pools every received bag of all its shards in one call (``sharding.lookup``:
+   fbgemm's table-batched op, or ``embedding_bag`` once per shard width; not a loop over tables);
 3. output dist: pooled vectors go back to the ranks that own the samples (differentiable all-to-all)
    and are added into the output columns: column shards land side by side, row-wise partial sums add up.
 
 Data-parallel tables are replicas looked up locally; ``sync_replica_grads`` all-reduces their gradients.
-Gradients of sharded rows come back through the reversed all-to-all as sparse gradients on the owner,
-so no dense gradient the size of a table is ever made; ``sharding.optim`` updates the touched rows.
+Gradients of sharded rows come back through the reversed all-to-all to the owner, where the fbgemm kernel
+updates the touched rows inside backward, or the plain path leaves row-sparse gradients for ``step()``
+(``sharding.optim``); no dense gradient the size of a table is ever made.
 """
 from __future__ import annotations
 
@@ -208,7 +213,7 @@ class ShardedEmbeddingCollection(nn.Module):
         order, its row shards' partial sums added, its replica as looked up here."""
         blocks = torch.split(received, [batch * w for w in self.recv_width])
         if self._blocks_in_table_order:  # every rank sent all tables' columns in order: just add them up
-            return sum(block.view(batch, -1) for block in blocks if block.numel() or batch == 0)
+            return sum(block.view(batch, width) for block, width in zip(blocks, self.recv_width))
         pieces: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.tables]
         # split, not slicing: each slice's backward would build a zero gradient of the whole block
         for shards, block, width in zip(self.dst_shards, blocks, self.recv_width):

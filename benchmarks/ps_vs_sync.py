@@ -4,7 +4,10 @@
 
 Runs `torchrun --standalone --nproc_per_node 2 -m distrec.train` and `distrec ps`, each with
 ``--train.max_steps=STEPS`` (so both see STEPS global batches), and prints a Markdown table for
-docs/benchmarks.md from their metrics.jsonl files.
+docs/benchmarks.md from their metrics.jsonl files. Split over W workers, the PS makes W times as many
+(W times smaller) updates as sync; a third run ("same updates") gives each PS worker whole sync-sized
+batches (global batch x W, STEPS / W global batches): same samples, same number and size of updates,
+so only staleness differs.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from distrec.config import load_config
 
 BIN = Path(sys.executable).parent
 
@@ -50,9 +55,14 @@ def main() -> None:
             f"--logging.dir={sync_dir}"]
     ps = [str(BIN / "distrec"), "ps", "--workers", str(a.workers), "--servers", str(a.servers), *common,
           f"--logging.dir={ps_dir}"]
+    same_dir = Path(a.out) / "ps_same_updates"
+    batch = load_config(a.config).train.global_batch_size
+    same = [*ps[:-1], f"--train.global_batch_size={batch * a.workers}",
+            f"--train.max_steps={a.steps // a.workers}", f"--logging.dir={same_dir}"]
+    ps_name = f"async PS, {a.workers} workers + {a.servers} server"
     results = {}
-    for name, cmd, log_dir in [("sync, 2 gloo ranks", sync, sync_dir), (f"async PS, {a.workers} workers + "
-                                                                       f"{a.servers} server", ps, ps_dir)]:
+    for name, cmd, log_dir in [("sync, 2 gloo ranks", sync, sync_dir), (ps_name, ps, ps_dir),
+                               (ps_name + ", same updates", same, same_dir)]:
         final, wall = run(cmd, log_dir)
         train = [json.loads(x) for x in (log_dir / "metrics.jsonl").read_text().splitlines()]
         train = [r for r in train if r["kind"] == "train"]

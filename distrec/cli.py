@@ -5,6 +5,7 @@
     distrec data synth --config configs/demo.toml --out runs/demo/data
     distrec data preprocess --in day_0.gz day_1.gz --out runs/criteo
     distrec reshard --checkpoint runs/demo/ckpt --out model.pt --unsharded
+    distrec ps --workers 2 --servers 1 --config configs/demo.toml
 """
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def _reshard(args: argparse.Namespace, rest: list[str]) -> int:
     return reshard_main(args, rest)
 
 
+def _ps(args: argparse.Namespace, rest: list[str]) -> int:
+    from distrec.ps.launch import main as ps_main
+
+    return ps_main(args, rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distrec", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"distrec {__version__}")
@@ -69,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog="Further arguments are config overrides for the target plan: --plan.default=...")
     add_reshard_arguments(reshard)
     reshard.set_defaults(func=_reshard)
+    from distrec.ps.launch import add_arguments as add_ps_arguments
+
+    ps = sub.add_parser("ps", help="asynchronous parameter-server training on CPU (torch.distributed.rpc)",
+                        epilog="Further arguments are config overrides: --section.key=value")
+    add_ps_arguments(ps)
+    ps.set_defaults(func=_ps)
     return p
 
 

@@ -125,6 +125,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class PsConfig:
+    """`distrec ps`: asynchronous parameter-server training (CPU, torch.distributed.rpc)."""
+
+    workers: int = 2
+    servers: int = 1
+    partition: str = "hash"  # hash: row r of a table lives on server r % servers | range: contiguous blocks
+    timeout_s: float = 60.0  # RPC timeout, and how long a dead or silent process may go unnoticed
+    master_addr: str = "127.0.0.1"  # the coordinator's address: every process connects to it
+    master_port: int = 0  # 0: a free port (one machine only)
+    threads_per_process: int = 1  # torch intra-op threads in each server and worker
+
+
+@dataclass
 class LoggingConfig:
     dir: str = ""  # metrics.jsonl and config.toml are written here
 
@@ -155,6 +168,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ps: PsConfig = field(default_factory=PsConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     source: str = "<defaults>"  # where the config came from, for messages
 
@@ -181,6 +195,7 @@ CHOICES = {
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("plan", "default"): SHARDING_TYPES,
     ("plan", "kernel"): ("auto", "torch", "fbgemm"),
+    ("ps", "partition"): ("hash", "range"),
 }
 
 
@@ -330,6 +345,8 @@ def validate(cfg: Config) -> None:
                               f"for the dot interaction, got {m.bottom_mlp}")
     if cfg.train.global_batch_size < 1:
         raise ConfigError(f"{src}: train.global_batch_size must be >= 1")
+    if cfg.ps.workers < 1 or cfg.ps.servers < 1 or cfg.ps.timeout_s <= 0:
+        raise ConfigError(f"{src}: ps.workers and ps.servers must be >= 1 and ps.timeout_s > 0")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -1,0 +1,1 @@
+"""Asynchronous parameter-server training on CPU over torch.distributed.rpc (`distrec ps`)."""

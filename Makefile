@@ -4,9 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+HOROVOD_STAMP := $(VENV)/.horovod
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test bench clean
+.PHONY: install horovod demo test bench clean
 
 install: $(STAMP)
 
@@ -21,12 +22,19 @@ $(STAMP): constraints.txt setup.cfg pyproject.toml
 	$(VENV)/bin/distrec doctor
 	touch $(STAMP)
 
+# Horovod 0.28.1 is built from source (~6 min on 2 cores, once: the wheel is cached in ~/.cache/distrec).
+horovod: $(HOROVOD_STAMP)
+
+$(HOROVOD_STAMP): $(STAMP) launch/install_horovod.sh
+	launch/install_horovod.sh $(VENV)
+	touch $(HOROVOD_STAMP)
+
 demo: install
 	$(VENV)/bin/distrec data synth --config configs/demo.toml --out $(DEMO_DIR)/data
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m distrec.train --config configs/demo.toml \
 		--data.path=$(DEMO_DIR)/data --logging.dir=$(DEMO_DIR)/logs --checkpoint.dir=$(DEMO_DIR)/ckpt
 
-test: install
+test: install horovod
 	$(PY) -m pytest -q tests
 
 clean:

@@ -116,8 +116,8 @@ def comm_rank(rank: int, world: int, steps: int) -> tuple[float, float]:
                                      optim=sparse_spec(cfg.optimizer), kernel="fbgemm")
     torch.manual_seed(0)
     model = DLRM.from_config(cfg, emb)
-    opts = make_optimizers(cfg.optimizer, model)
-    ddp = wrap_dense(model, DistContext(rank, world, rank, torch.device("cpu"), "gloo"))
+    ddp, opts = wrap_dense(model, make_optimizers(cfg.optimizer, model),
+                           DistContext(rank, world, rank, torch.device("cpu"), "gloo"))
     local = 8192 // world
     sparse = make_batches(tables, local, 4, seed=rank)
     g = torch.Generator().manual_seed(rank)

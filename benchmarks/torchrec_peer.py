@@ -106,7 +106,7 @@ def distrec_rank(rank: int, world: int, plan_kind: str, steps: int, kernel: str)
     torch.manual_seed(0)
     model = DLRM.from_config(cfg, emb)
     opts = [torch.optim.Adam(model.dense_parameters(), lr=DENSE_LR, eps=EPS), EmbeddingOptimizer(emb)]
-    ddp = wrap_dense(model, DistContext(rank, world, rank, torch.device("cpu"), "gloo"))
+    ddp, opts = wrap_dense(model, opts, DistContext(rank, world, rank, torch.device("cpu"), "gloo"))
     batches = make_batches(tables, len(cfg.schema.dense), rank)
     times = time_steps(lambda b: train_step(ddp, emb, opts, b, GLOBAL_BATCH), batches, steps)
     rows = sum(s.num_rows for _, s, _ in emb.shard_weights())

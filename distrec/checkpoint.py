@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from distrec.dist import all_gather_object, barrier
 
 LATEST = "latest"
 COMMON, INDEX = "common.pt", "index.json"
@@ -98,27 +99,18 @@ def save_checkpoint(ckpt_dir: str | Path, step: int, common: dict, owns: list[di
         raise
 
 
-def save_sharded(ckpt_dir: str | Path, step: int, common: dict | None, own: dict, rank: int, world: int,
-                 keep: int = 2) -> None:
-    """Collective: every rank writes ``own``; rank 0 also ``common``, and commits once all have written."""
+def save_sharded(ckpt_dir: str | Path, step: int, common: dict | None, own: dict, ctx, keep: int = 2) -> None:
+    """Collective (``ctx``: a DistContext): every rank writes ``own``; rank 0 also ``common``, and commits
+    once all have written."""
     d = Path(ckpt_dir)
-    if rank == 0:
+    if ctx.rank == 0:
         _start(d, step)
-    _barrier(world)
-    _write_own(_staging(d, step), rank, own)
-    index = [None] * world
-    if world > 1:
-        dist.all_gather_object(index, index_of(own))
-    else:
-        index = [index_of(own)]
-    if rank == 0:
+    barrier(ctx)
+    _write_own(_staging(d, step), ctx.rank, own)
+    index = all_gather_object(index_of(own), ctx)  # also waits until every rank has written its file
+    if ctx.rank == 0:
         _commit(d, step, common, index, keep)
-    _barrier(world)
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+    barrier(ctx)
 
 
 def _overlaps(a: list, b: tuple) -> bool:

@@ -98,6 +98,15 @@ class OptimizerConfig:
 
 
 @dataclass
+class DenseConfig:
+    """Who synchronises the dense part (and carries the embedding exchanges) across ranks."""
+
+    # ddp: torch DDP + torch.distributed all-to-all, under torchrun | horovod: hvd.DistributedOptimizer +
+    # hvd.alltoall, under horovodrun (launch/install_horovod.sh installs it)
+    engine: str = "ddp"
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     global_batch_size: int = 4096  # summed over ranks
@@ -164,6 +173,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -195,6 +205,7 @@ CHOICES = {
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("plan", "default"): SHARDING_TYPES,
     ("plan", "kernel"): ("auto", "torch", "fbgemm"),
+    ("dense", "engine"): ("ddp", "horovod"),
     ("ps", "partition"): ("hash", "range"),
 }
 

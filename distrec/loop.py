@@ -11,7 +11,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -44,7 +43,7 @@ def train_step(model: nn.Module, embeddings, optimizers: list[torch.optim.Optimi
     embeddings.sync_replica_grads()
     for opt in optimizers:
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()  # set_to_none by default; Horovod's DistributedOptimizer takes no argument
     return float(loss_sum.detach())
 
 
@@ -79,7 +78,7 @@ def predict(model: nn.Module, loader: ParquetLoader, device: torch.device) -> tu
 
 
 def evaluate(model: nn.Module, loader: ParquetLoader, ctx: DistContext) -> dict:
-    probs, labels = gather_predictions(*predict(model, loader, ctx.device))
+    probs, labels = gather_predictions(*predict(model, loader, ctx.device), ctx)
     return {"auc": auc(probs, labels), "logloss": logloss(probs, labels), "rows": int(labels.size)}
 
 

@@ -49,17 +49,10 @@ def expected_auc(probs: np.ndarray, scores: np.ndarray) -> float:
     return float((p * neg_below).sum() / (pos * neg))
 
 
-def gather_predictions(probs: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """All ranks' (probs, labels) concatenated in rank order, on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return probs.detach().cpu().numpy(), labels.detach().cpu().numpy()
-    local = torch.stack([probs.detach().float().cpu(), labels.detach().float().cpu()])
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([local.shape[1]]))
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(2, longest)
-    padded[:, : local.shape[1]] = local
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    both = torch.cat([p[:, : int(s.item())] for p, s in zip(parts, sizes)], dim=1).numpy()
-    return both[0], both[1]
+def gather_predictions(probs: torch.Tensor, labels: torch.Tensor, ctx) -> tuple[np.ndarray, np.ndarray]:
+    """All ranks' (probs, labels) concatenated in rank order, on every rank (``ctx``: a DistContext)."""
+    from distrec.dist import all_gather_rows
+
+    local = torch.stack([probs.detach().float().cpu(), labels.detach().float().cpu()], dim=1)  # [rows, 2]
+    both = all_gather_rows(local, ctx).numpy()
+    return both[:, 0], both[:, 1]

@@ -12,6 +12,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distrec.checkpoint import open_latest, save_sharded
@@ -52,18 +53,27 @@ def _sum_gradients(state, bucket):  # unannotated: DDP checks annotations, which
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
 
-def wrap_dense(model: DLRM, ctx: DistContext):
-    """DDP over the dense part only: embedding shards differ per rank and get their gradients by
-    all-to-all (shards) or all-reduce (replicas) in the sharded runtime."""
+def wrap_dense(model: DLRM, optimizers: list, ctx: DistContext) -> tuple[nn.Module, list]:
+    """(model to call, optimizers) with the dense part's gradients summed over ranks: by DDP, or by
+    Horovod's DistributedOptimizer. Embedding shards differ per rank and get their gradients by
+    all-to-all (shards) or all-reduce (replicas) in the sharded runtime, so both leave them alone."""
     if ctx.backend == "none":
-        return model
+        return model, optimizers
+    if ctx.backend == "horovod":
+        return model, [_horovod_dense(model, optimizers[0], ctx.group.hvd), *optimizers[1:]]
     # Buffers too: DDP would otherwise broadcast rank 0's kernel metadata (fbgemm's row offsets) to all.
     ignore = [f"embeddings.{name}" for name, _ in [*model.embeddings.named_parameters(),
                                                     *model.embeddings.named_buffers()]]
     DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ddp = DDP(model)
     ddp.register_comm_hook(None, _sum_gradients)
-    return ddp
+    return ddp, optimizers
+
+
+def _horovod_dense(model: DLRM, dense_opt, hvd):
+    dense = [(n, p) for n, p in model.named_parameters() if not n.startswith("embeddings.")]
+    hvd.broadcast_parameters(dict(dense), root_rank=0)  # as DDP does when it wraps the model
+    return hvd.DistributedOptimizer(dense_opt, named_parameters=dense, op=hvd.Sum)
 
 
 def run(cfg: Config, ctx: DistContext) -> dict:
@@ -75,16 +85,15 @@ def run(cfg: Config, ctx: DistContext) -> dict:
     plan = load_plan(cfg.plan.file, tables, ctx.world_size) if cfg.plan.file else \
         simple_plan(tables, ctx.world_size, cfg.plan.default, cfg.plan.overrides())
     torch.manual_seed(cfg.train.seed)
-    embeddings = ShardedEmbeddingCollection(tables, plan, rank=ctx.rank, seed=cfg.train.seed, device=ctx.device,
-                                            optim=sparse_spec(cfg.optimizer), kernel=cfg.plan.kernel)
+    embeddings = ShardedEmbeddingCollection(tables, plan, rank=ctx.rank, group=ctx.group, seed=cfg.train.seed,
+                                            device=ctx.device, optim=sparse_spec(cfg.optimizer), kernel=cfg.plan.kernel)
     model = DLRM.from_config(cfg, embeddings).to(ctx.device)
-    optimizers = make_optimizers(cfg.optimizer, model)
+    ddp, optimizers = wrap_dense(model, make_optimizers(cfg.optimizer, model), ctx)
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
     pos = Position()
     if cfg.checkpoint.resume and cfg.checkpoint.dir and (ckpt := open_latest(cfg.checkpoint.dir)):
         pos = restore(ckpt, model, embeddings, optimizers, ctx)
-    ddp = wrap_dense(model, ctx)
     total = train_loader.num_batches() * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
@@ -171,7 +180,7 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
 
 def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position) -> None:
     common, own = training_state(model, model.embeddings, optimizers, pos, ctx, to_dict(cfg))
-    save_sharded(cfg.checkpoint.dir, pos.step, common, own, ctx.rank, ctx.world_size, keep=cfg.checkpoint.keep)
+    save_sharded(cfg.checkpoint.dir, pos.step, common, own, ctx, keep=cfg.checkpoint.keep)
 
 
 def summary_line(result: dict) -> str:
@@ -190,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = None
     try:
         cfg = load_config(args.config, overrides)
-        ctx = init_distributed(cfg.train.device)
+        ctx = init_distributed(cfg.train.device, cfg.dense.engine)
         result = run(cfg, ctx)
         if ctx.is_main:
             print(summary_line(result), flush=True)

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# Horovod with its Gloo controller (the Docker image builds Horovod without MPI).
-#   launch/horovodrun.sh 4 configs/demo.toml --data.path=runs/demo/data
+# distrec.train with Horovod as the engine (--dense.engine horovod: hvd.DistributedOptimizer sums the dense
+# gradients, hvd.alltoall carries the embedding exchanges), on Horovod's Gloo controller (no MPI).
+#   launch/horovodrun.sh 2 configs/demo.toml --data.path=runs/demo/data
 #   HOSTS=node1:4,node2:4 launch/horovodrun.sh 8 configs/demo.toml
 # Arguments after CONFIG are config overrides (--section.key=value), passed to distrec.train as they are.
-#
-# NOTE: --train.dense_parallel does not exist yet; it lands with the Horovod support issue. Until then
-# the config loader rejects it and this script fails at start-up with a ConfigError naming the key.
+# Install Horovod first: launch/install_horovod.sh (the Docker image has it).
 set -euo pipefail
 
 usage="usage: [HOSTS=host1:slots,host2:slots] $0 NP CONFIG [--section.key=value ...]"
@@ -21,11 +20,13 @@ if ! [[ $np =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 if ! command -v horovodrun >/dev/null; then
-    echo "horovodrun is not on PATH: Horovod is installed in the Docker image (see Dockerfile)" >&2
+    echo "horovodrun is not on PATH: run launch/install_horovod.sh (or use the Docker image), then activate its venv" >&2
     exit 2
 fi
 
 hosts=()
 [[ -z ${HOSTS:-} ]] || hosts=(-H "$HOSTS")
+# One intra-op thread per rank unless asked otherwise, as torchrun does: ranks share the cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 exec horovodrun -np "$np" ${hosts[@]+"${hosts[@]}"} --gloo \
-    "${PYTHON:-python}" -m distrec.train --config "$config" --train.dense_parallel=horovod "$@"
+    "${PYTHON:-python}" -m distrec.train --config "$config" --dense.engine=horovod "$@"

@@ -3,6 +3,7 @@
     out = all_to_all(flat, send_splits=[6, 2], recv_splits=[6, 4], group=None)   # autograd-aware
 
 With one rank (no process group) every exchange is the identity, so the runtime needs no special case.
+``group`` is a torch.distributed process group (None: the default one) or a ``HorovodGroup``.
 """
 from __future__ import annotations
 
@@ -10,7 +11,33 @@ import torch
 import torch.distributed as dist
 
 
+class HorovodGroup:
+    """Pass as ``group`` to run the exchanges with Horovod (``hvd.alltoall``, ``hvd.allreduce``) instead of
+    torch.distributed: the arrangement of NVIDIA's SOK. ``hvd.init()`` must have run.
+
+        emb = ShardedEmbeddingCollection(tables, plan, rank=hvd.rank(), group=HorovodGroup())
+    """
+
+    def __init__(self):
+        import horovod.torch as hvd
+
+        self.hvd = hvd
+
+
+class _HorovodWork:
+    """An async Horovod all-to-all, waited on like torch.distributed's Work: fills ``out`` on wait."""
+
+    def __init__(self, hvd, handle, out: torch.Tensor):
+        self.hvd, self.handle, self.out = hvd, handle, out
+
+    def wait(self) -> None:
+        received, _ = self.hvd.synchronize(self.handle)
+        self.out.copy_(received)
+
+
 def world_size(group) -> int:
+    if isinstance(group, HorovodGroup):
+        return group.hvd.size()
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -27,6 +54,9 @@ def start_exchange(t: torch.Tensor, send_splits: list[int], recv_splits: list[in
     if world_size(group) == 1:
         return t, None
     out = t.new_empty(sum(recv_splits))
+    if isinstance(group, HorovodGroup):
+        splits = torch.tensor(send_splits, dtype=torch.int32)  # Horovod takes int32 splits only
+        return out, _HorovodWork(group.hvd, group.hvd.alltoall_async(t.contiguous(), splits=splits), out)
     work = dist.all_to_all_single(out, t.contiguous(), recv_splits, send_splits, group=group, async_op=True)
     return out, work
 
@@ -50,6 +80,8 @@ def all_to_all(t: torch.Tensor, send_splits: list[int], recv_splits: list[int], 
 
 
 def all_reduce_(t: torch.Tensor, group=None) -> torch.Tensor:
-    if world_size(group) > 1:
+    if isinstance(group, HorovodGroup):
+        group.hvd.allreduce_(t, op=group.hvd.Sum)
+    elif world_size(group) > 1:
         dist.all_reduce(t, group=group)
     return t

@@ -240,9 +240,11 @@ class LookupEmbeddings(EmbeddingPart):
         self.register_buffer("starts", starts, persistent=False)
 
     def forward(self, sparse: JaggedBatch) -> torch.Tensor:
-        per_table = sparse.lengths.view(len(self.specs), -1).sum(1)
-        shift = self.starts.repeat_interleave(per_table, output_size=sparse.values.numel())
-        return self.impl.lookup(sparse.values, sparse.offsets(), sparse.values + shift)
+        global_ids = None
+        if isinstance(self.impl, TorchImpl):  # only the torch path looks up one concatenated weight
+            per_table = sparse.lengths.view(len(self.specs), -1).sum(1)
+            global_ids = sparse.values + self.starts.repeat_interleave(per_table, output_size=sparse.values.numel())
+        return self.impl.lookup(sparse.values, sparse.offsets(), global_ids)
 
 
 def e2e_samples_per_s(name: str, rows: list[int], args) -> float:

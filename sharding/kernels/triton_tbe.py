@@ -5,9 +5,12 @@
     out.sum().backward()      # rows 3, 7, 9 of table 0 and row 1 of table 1 are updated here
 
 Forward is one kernel launch for all tables and bags, writing [B, sum of widths] directly (table t's
-columns after table t-1's), fp32 accumulation whatever the storage dtype (fp32, fp16, bf16). Backward
-sorts the ids by (table, row) with torch, then one kernel launch sums each distinct row's gradient over
-its occurrences and applies the optimizer to that row in place; no dense gradient is ever made.
+columns after table t-1's: per sample, the row the output all-to-all sends), fp32 accumulation whatever
+the storage dtype (fp32, fp16, bf16). Backward sorts the ids by (table, row) with torch (sort, then
+unique_consecutive for the runs of equal ids), then one kernel launch sums each distinct row's gradient
+over its occurrences and applies the optimizer to that row in place; runs longer than LONG_RUN_IDS are
+first summed in pieces by a second kernel. No dense gradient is ever made. Two host syncs per backward:
+the number of distinct rows and of pieces size the grids.
 
 Needs only torch and Triton. On CUDA tensors the kernels are compiled; on CPU tensors they run under
 Triton's interpreter, which Triton fixes per process when it is imported: set TRITON_INTERPRET=1 before
@@ -166,7 +169,10 @@ class TritonTBE(TableBatchedEmbedding):
         # A leaf that wants a gradient, so autograd calls backward (which updates the rows) whenever the
         # output is used in a loss; it costs nothing and keeps the storage off the parameter list.
         anchor = torch.empty(0, device=indices.device, requires_grad=torch.is_grad_enabled())
-        return _LookupFunction.apply(anchor, self, indices, offsets, per_sample_weights)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.detach().contiguous()  # no gradient for them
+        # The kernels index flat memory, so the ids must be dense.
+        return _LookupFunction.apply(anchor, self, indices.contiguous(), offsets.contiguous(), per_sample_weights)
 
     def pool(self, indices: torch.Tensor, offsets: torch.Tensor,
              per_sample_weights: torch.Tensor | None) -> torch.Tensor:
@@ -266,7 +272,7 @@ class TritonTBE(TableBatchedEmbedding):
         if self.total_rows < 2**31:
             keys = keys.to(torch.int32)  # a 32-bit radix sort does half the passes of a 64-bit one
         sorted_keys, order = torch.sort(keys, stable=True)
-        # The one host sync of a step: the number of distinct rows sizes the update's grid.
+        # The first host sync of a backward: the number of distinct rows sizes the update's grid.
         _, counts = torch.unique_consecutive(sorted_keys, return_counts=True)
         run_starts = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=indices.device)
         torch.cumsum(counts, 0, out=run_starts[1:])

@@ -38,7 +38,7 @@ from sharding.kernels.triton_tbe import TritonTBE  # noqa: E402
 
 # Widths that are multiples of 4 and ones that are not; one narrow table with few rows.
 SHAPES = [(40, 8), (25, 5), (60, 16), (9, 3)]
-BATCH, MAX_BAG, UNTOUCHED, HOT_ROWS = 6, 5, 2, 3
+BATCH, MAX_BAG, UNTOUCHED, HOT_ROWS = 7, 5, 2, 3  # 28 bags: forward programs of 8 end part-full
 # A large eps, so putting it inside the square root (or leaving it out) would be caught.
 OPTIM = dict(lr=0.05, eps=0.1, betas=(0.9, 0.999))
 TOL = dict(rtol=1e-5, atol=1e-6)

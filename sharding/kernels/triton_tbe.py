@@ -30,16 +30,15 @@ from sharding.optim import OptimSpec, state_names
 
 POOLINGS = ("sum", "mean")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Tile heights (ids or partial sums loaded at once by one program). Chosen by reasoning about H100, not yet
-# tuned on one: enough rows in flight per program to feed memory, few masked lanes on one-hot batches.
-MAX_IDS_PER_ITERATION = 32  # forward: rows of one bag; more only adds masked lanes at pooling <= 32
-UPDATE_IDS_PER_ITERATION = 8  # backward: occurrences of one short run (most runs are 1-2 long)
-PIECE_IDS_PER_ITERATION = 32  # backward: occurrences of one piece of a long run
-PARTIALS_PER_ITERATION = 16  # backward: piece sums of one long run
+# A program loads tiles of up to ROWS_IN_FLIGHT rows (bags' ids in forward, runs' occurrences in backward)
+# of BLOCK_COLS >= the widest table, at most TILE_ELEMENTS values: enough loads in flight per program to
+# feed memory, few masked lanes on one-hot batches. Reasoned for H100, not yet tuned on one.
+ROWS_IN_FLIGHT = 32
+TILE_ELEMENTS = 4096
 # A run (the occurrences of one row in a batch) longer than LONG_RUN_IDS is summed in pieces of at most
 # PIECE_IDS by separate programs first: on Criteo, tables of 3 to 100 rows take every sample's id, so
 # one row can occur 65536 * 20 / 3 times, far too much for the one program that updates the row.
-LONG_RUN_IDS = 64
+LONG_RUN_IDS = 16
 PIECE_IDS = 1024
 
 
@@ -66,9 +65,12 @@ def _next_power_of_2(n: int) -> int:
 
 
 def _num_warps(tile_elements: int) -> int:
-    # About 8 elements per thread at most; small tiles (narrow, one-hot bags) get one warp so many
-    # programs fit on each SM.
-    return max(1, min(8, tile_elements // 256))
+    # 16 values per thread: a full 4096-value tile gets 8 warps, a narrow one fewer.
+    return max(1, min(8, tile_elements // 512))
+
+
+def _tile_rows(block_cols: int) -> int:
+    return max(1, min(ROWS_IN_FLIGHT, TILE_ELEMENTS // block_cols))
 
 
 class TritonTBE(TableBatchedEmbedding):
@@ -184,14 +186,16 @@ class TritonTBE(TableBatchedEmbedding):
         out = torch.empty(batch, self.total_width, dtype=torch.float32, device=self.weights.device)
         if bags == 0:
             return out
-        mean_ids = -(-indices.numel() // bags)  # the pooling factor decides how many rows to load at once
-        block_ids = min(MAX_IDS_PER_ITERATION, max(2, _next_power_of_2(mean_ids)))
         block_cols = _next_power_of_2(self.max_width)
-        pool_bags[(bags,)](
+        rows = _tile_rows(block_cols)
+        mean_ids = -(-indices.numel() // bags)  # the pooling factor sets ids per bag vs bags per program
+        block_ids = min(rows, _next_power_of_2(mean_ids))
+        bags_per_program = rows // block_ids
+        pool_bags[(-(-bags // bags_per_program),)](
             self.weights, self.weight_offsets, self.col_offsets, indices, offsets,
-            indices if per_sample_weights is None else per_sample_weights, out, batch, out.stride(0),
-            HAS_WEIGHTS=per_sample_weights is not None, MEAN=self.pooling == "mean",
-            BLOCK_IDS=block_ids, BLOCK_COLS=block_cols, num_warps=_num_warps(block_ids * block_cols))
+            indices if per_sample_weights is None else per_sample_weights, out, bags, batch, out.stride(0),
+            HAS_WEIGHTS=per_sample_weights is not None, MEAN=self.pooling == "mean", BAGS=bags_per_program,
+            BLOCK_IDS=block_ids, BLOCK_COLS=block_cols, num_warps=_num_warps(rows * block_cols))
         return out
 
     @torch.no_grad()
@@ -214,14 +218,15 @@ class TritonTBE(TableBatchedEmbedding):
         beta1, beta2 = self.optim.betas
         block_cols = _next_power_of_2(self.max_width)
         code = {"sgd": K.SGD, "adagrad": K.ADAGRAD, "rowwise_adagrad": K.ROWWISE_ADAGRAD, "adam": K.ADAM}[kind]
-        K.update_rows[(run_starts.numel() - 1,)](
+        runs = run_starts.numel() - 1
+        runs_per_program = _tile_rows(block_cols)
+        K.update_rows[(-(-runs // runs_per_program),)](
             self.weights, self.weight_offsets, self.col_offsets, self.row_offsets, indices, offsets, bag_of,
-            order, run_starts, piece_first, partials, self.long_run_ids, grad, grad.stride(0), psw,
+            order, run_starts, runs, piece_first, partials, self.long_run_ids, grad, grad.stride(0), psw,
             state1, state2, row_state, self.weights if step_size is None else step_size,
             self.optim.lr, self.optim.eps, 1 - beta1, 1 - beta2, grad.shape[0],
             OPTIM=code, HAS_WEIGHTS=per_sample_weights is not None, MEAN=self.pooling == "mean",
-            BLOCK_IDS=UPDATE_IDS_PER_ITERATION, BLOCK_PIECES=PARTIALS_PER_ITERATION, BLOCK_COLS=block_cols,
-            num_warps=_num_warps(max(UPDATE_IDS_PER_ITERATION, PARTIALS_PER_ITERATION) * block_cols))
+            RUNS=runs_per_program, BLOCK_COLS=block_cols, num_warps=_num_warps(runs_per_program * block_cols))
 
     def _sum_long_runs(self, run_starts, bag_of, order, offsets, grad, per_sample_weights):
         """Sum each run longer than ``long_run_ids`` in pieces of at most ``piece_ids`` occurrences, one
@@ -245,8 +250,8 @@ class TritonTBE(TableBatchedEmbedding):
             self.col_offsets, offsets, bag_of, order, piece_starts, piece_ends, grad, grad.stride(0),
             order if per_sample_weights is None else per_sample_weights, partials, grad.shape[0],
             HAS_WEIGHTS=per_sample_weights is not None, MEAN=self.pooling == "mean",
-            BLOCK_IDS=PIECE_IDS_PER_ITERATION, BLOCK_COLS=block_cols,
-            num_warps=_num_warps(PIECE_IDS_PER_ITERATION * block_cols))
+            BLOCK_IDS=_tile_rows(block_cols), BLOCK_COLS=block_cols,
+            num_warps=_num_warps(_tile_rows(block_cols) * block_cols))
         return piece_first, partials
 
     def _adam_step_size(self) -> torch.Tensor | None:

@@ -14,6 +14,8 @@ hot rows make ids repeat within and across bags; some bags are empty.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharding.optim import KINDS, OptimSpec, SparseOptimizer, state_names
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 _before = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -276,3 +278,14 @@ def test_benchmark_smoke_runs():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "triton" in result.stdout and "torch" in result.stdout, result.stdout
     assert time.monotonic() - start < 60
+
+
+def test_kernels_compile_for_h100(tmp_path):
+    """The real compiler, front end to cubin, which the interpreter never runs (it accepts kernels the
+    compiler rejects); in its own process, without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run([sys.executable, "tests/triton_compile_check.py"], capture_output=True, text=True,
+                            timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("B cubin") == 7 and result.stdout.endswith("compiled\n"), result.stdout

@@ -17,8 +17,12 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-# Optimizer codes (a constexpr, so each optimizer compiles to its own kernel with no dead branches).
-SGD, ADAGRAD, ROWWISE_ADAGRAD, ADAM = 0, 1, 2, 3
+# Optimizer codes, passed as a constexpr so each optimizer compiles to its own kernel. The kernels' copies
+# are tl.constexpr because compiled kernels may read no other kind of global.
+OPTIM_CODES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}
+SGD = tl.constexpr(OPTIM_CODES["sgd"])
+ADAGRAD = tl.constexpr(OPTIM_CODES["adagrad"])
+ROWWISE_ADAGRAD = tl.constexpr(OPTIM_CODES["rowwise_adagrad"])
 
 
 @triton.jit

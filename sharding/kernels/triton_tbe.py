@@ -78,7 +78,8 @@ class TritonTBE(TableBatchedEmbedding):
 
     Weights are kept in ``dtype`` (fp32, fp16 or bf16; the update is computed in fp32 and rounded once),
     optimizer state in fp32. ``pooling="mean"`` divides each bag by its length (empty bags give 0).
-    The storage is buffers, not parameters: dense optimizers and DDP must not see the tables.
+    Per-sample weights scale the rows but get no gradient. The storage is buffers, not parameters: dense
+    optimizers and DDP must not see the tables.
     """
 
     def __init__(self, shapes: list[tuple[int, int]], optim: OptimSpec, dtype: torch.dtype = torch.float32,
@@ -217,7 +218,6 @@ class TritonTBE(TableBatchedEmbedding):
         row_state = getattr(self, "row_sum", self.weights)
         beta1, beta2 = self.optim.betas
         block_cols = _next_power_of_2(self.max_width)
-        code = {"sgd": K.SGD, "adagrad": K.ADAGRAD, "rowwise_adagrad": K.ROWWISE_ADAGRAD, "adam": K.ADAM}[kind]
         runs = run_starts.numel() - 1
         runs_per_program = _tile_rows(block_cols)
         K.update_rows[(-(-runs // runs_per_program),)](
@@ -225,8 +225,9 @@ class TritonTBE(TableBatchedEmbedding):
             order, run_starts, runs, piece_first, partials, self.long_run_ids, grad, grad.stride(0), psw,
             state1, state2, row_state, self.weights if step_size is None else step_size,
             self.optim.lr, self.optim.eps, 1 - beta1, 1 - beta2, grad.shape[0],
-            OPTIM=code, HAS_WEIGHTS=per_sample_weights is not None, MEAN=self.pooling == "mean",
-            RUNS=runs_per_program, BLOCK_COLS=block_cols, num_warps=_num_warps(runs_per_program * block_cols))
+            OPTIM=K.OPTIM_CODES[kind], HAS_WEIGHTS=per_sample_weights is not None, MEAN=self.pooling == "mean",
+            RUNS=runs_per_program, BLOCK_COLS=block_cols, num_warps=_num_warps(runs_per_program * block_cols),
+            enable_fp_fusion=False)  # a separate multiply and add round as the reference's do
 
     def _sum_long_runs(self, run_starts, bag_of, order, offsets, grad, per_sample_weights):
         """Sum each run longer than ``long_run_ids`` in pieces of at most ``piece_ids`` occurrences, one

@@ -26,8 +26,10 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -202,31 +204,35 @@ def free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def kernel_rows(rows: list[int], args, peak: float | None) -> list[str]:
-    """One Markdown row per (implementation, pooling factor)."""
+def kernel_rows(rows: list[int], args, peak: float | None, failures: list[str]) -> Iterator[str]:
+    """One Markdown row per (implementation, pooling factor), as each is measured. A failure (a kernel
+    error, out of memory) fills its row and goes into ``failures`` with its traceback; the rest still run."""
     dtype, kind = DTYPES[args.dtype], args.optim
     optim = OptimSpec(kind, lr=0.01)
     row_bytes = torch.empty(0, dtype=dtype).element_size()
-    out = []
     for name in args.impls:
         try:
             impl = IMPLS[name](rows, args.dim, optim, dtype, args.device)
-        except Exception as e:  # fbgemm not installed, or an op it lacks (e.g. Adam on its CPU op)
-            out.append(f"| {name} | | skipped: {type(e).__name__}: {str(e)[:120]} | | | | | |")
+        except Exception as e:
+            if name == "fbgemm":  # an optional peer: not installed, a build for another torch, no CPU Adam
+                yield f"| {name} | | not available: {type(e).__name__}: {str(e)[:100]} | | | | | |"
+                continue
+            failures.append(traceback.format_exc())
+            yield f"| {name} | | failed: {type(e).__name__}: {str(e)[:100]} | | | | | |"
             continue
         for pooling in args.pooling:
             b = make_batch(rows, args.batch, pooling, args.dim, args.device, seed=pooling)
             try:
                 fwd, train = time_impl(impl, b, args)
-                out.append(f"| {name} | {pooling} | {rate_cells(forward_bytes(b, args.dim, row_bytes), fwd, peak)} | "
-                           f"{rate_cells(train_bytes(b, args.dim, row_bytes, kind), train, peak)} |")
-            except torch.cuda.OutOfMemoryError:
-                out.append(f"| {name} | {pooling} | out of GPU memory | | | | | |")
+                yield (f"| {name} | {pooling} | {rate_cells(forward_bytes(b, args.dim, row_bytes), fwd, peak)} | "
+                       f"{rate_cells(train_bytes(b, args.dim, row_bytes, kind), train, peak)} |")
+            except Exception as e:
+                failures.append(traceback.format_exc())
+                yield f"| {name} | {pooling} | failed: {type(e).__name__}: {str(e)[:100]} | | | | | |"
             del b
             free(args.device)
         del impl
         free(args.device)
-    return out
 
 
 class LookupEmbeddings(EmbeddingPart):
@@ -350,14 +356,24 @@ def main(argv=None) -> None:
           f"optimizer {args.optim}; ms per batch, GB/s = counted bytes / time\n")
     print("| impl | pooling | fwd ms | fwd GB/s | fwd % peak | fwd+bwd+update ms | GB/s | % peak |")
     print("|---|---|---|---|---|---|---|---|")
-    for line in kernel_rows(rows, args, peak):
+    failures: list[str] = []
+    for line in kernel_rows(rows, args, peak, failures):
         print(line, flush=True)
     if args.e2e_steps:
         print(f"\nDLRM training end to end (one-hot, batch {args.batch}, MLPs {args.e2e_precision}):\n")
         print("| embedding lookup | samples/s |")
         print("|---|---|")
         for name in args.e2e_impls:
-            print(f"| {name} | {e2e_samples_per_s(name, rows, args):,.0f} |", flush=True)
+            try:
+                print(f"| {name} | {e2e_samples_per_s(name, rows, args):,.0f} |", flush=True)
+            except Exception as e:
+                failures.append(traceback.format_exc())
+                print(f"| {name} | failed: {type(e).__name__}: {str(e)[:100]} |", flush=True)
+                free(args.device)
+    for failure in failures:
+        print(f"\n{failure}", file=sys.stderr)
+    if failures:
+        sys.exit(f"{len(failures)} measurement(s) failed; tracebacks above")
 
 
 if __name__ == "__main__":

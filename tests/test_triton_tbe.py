@@ -14,6 +14,7 @@ hot rows make ids repeat within and across bags; some bags are empty.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -276,7 +277,10 @@ def test_benchmark_smoke_runs():
     start = time.monotonic()
     result = run_cli("benchmarks/triton_tbe.py", "--smoke", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "triton" in result.stdout and "torch" in result.stdout, result.stdout
+    for impl in ("triton", "torch"):
+        for pooling in (1, 3):  # the --smoke pooling factors: a measured row each
+            assert re.search(rf"^\| {impl} \| {pooling} \| [0-9.]+ \|", result.stdout, re.M), result.stdout
+        assert re.search(rf"^\| {impl} \| [0-9,]+ \|$", result.stdout, re.M), result.stdout  # end to end
     assert time.monotonic() - start < 60
 
 

@@ -23,7 +23,6 @@ import importlib.util
 import math
 
 import torch
-from torch import nn
 
 from sharding.kernels import TableBatchedEmbedding
 from sharding.optim import OptimSpec, state_names

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_CATEGORICAL = [f"C{i}" for i in range(1, 27)]
@@ -368,4 +367,8 @@ def to_dict(cfg: Config) -> dict:
 
 def dump_toml(cfg: Config) -> str:
     """The resolved config as TOML; ``load_config`` reads it back to an equal Config."""
+    # Imported here: reading configs needs only the standard library (the GPU benchmarks run on bare
+    # machines that have torch and Triton but not distrec's install set).
+    import tomli_w
+
     return tomli_w.dumps(to_dict(cfg))

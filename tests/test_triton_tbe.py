@@ -1,0 +1,295 @@
+"""TritonTBE's kernels under Triton's interpreter, held against the plain-PyTorch reference
+(``F.embedding_bag(sparse=True)`` per table + ``SparseOptimizer``).
+
+Triton fixes interpreter-or-compiled when it is imported (``@triton.jit`` reads TRITON_INTERPRET, and
+so do the jit functions inside ``triton.language``), and reads the same flag again while a kernel runs.
+So this module sets TRITON_INTERPRET=1 only around its own import of triton and the kernels, and again
+during its own tests (the autouse fixture); other tests and the processes they start never see it. If
+something imported triton earlier in the process without the flag, ``test_kernels_are_interpreted``
+says so.
+
+Lookups draw rows below ``rows - UNTOUCHED`` only, so every table's last rows are never touched; a few
+hot rows make ids repeat within and across bags; some bags are empty.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sharding.optim import KINDS, OptimSpec, SparseOptimizer, state_names
+from tests.conftest import REPO, run_cli
+
+_before = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import triton  # noqa: F401,E402
+    from sharding.kernels import triton_kernels  # noqa: E402  (decorated here, under the interpreter)
+finally:
+    if _before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _before
+from sharding.kernels.triton_tbe import TritonTBE  # noqa: E402
+
+# Widths that are multiples of 4 and ones that are not; one narrow table with few rows.
+SHAPES = [(40, 8), (25, 5), (60, 16), (9, 3)]
+BATCH, MAX_BAG, UNTOUCHED, HOT_ROWS = 7, 5, 2, 3  # 28 bags: forward programs of 8 end part-full
+# A large eps, so putting it inside the square root (or leaving it out) would be caught.
+OPTIM = dict(lr=0.05, eps=0.1, betas=(0.9, 0.999))
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def make_batch(seed: int, weighted: bool, shapes=SHAPES, batch: int = BATCH):
+    """(indices, offsets, per_sample_weights or None, upstream gradient [batch, total width])."""
+    gen = torch.Generator().manual_seed(seed)
+    T = len(shapes)
+    lengths = torch.randint(0, MAX_BAG + 1, (T * batch,), generator=gen)
+    lengths[seed % 4::4] = 0  # empty bags in every table
+    ids = []
+    for t, (rows, _) in enumerate(shapes):
+        n = int(lengths[t * batch:(t + 1) * batch].sum())
+        uniform = torch.randint(0, rows - UNTOUCHED, (n,), generator=gen)
+        hot = torch.randint(0, HOT_ROWS, (n,), generator=gen)
+        ids.append(torch.where(torch.rand(n, generator=gen) < 0.4, hot, uniform))
+    indices = torch.cat(ids)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    psw = torch.rand(indices.numel(), generator=gen) + 0.5 if weighted else None
+    upstream = torch.randn(batch, sum(w for _, w in shapes), generator=gen)
+    return indices, offsets, psw, upstream
+
+
+class Reference:
+    """One fp32 parameter per table, ``F.embedding_bag(sparse=True)`` each, one SparseOptimizer."""
+
+    def __init__(self, tables: list[torch.Tensor], optim: OptimSpec, pooling: str = "sum"):
+        self.params = [nn.Parameter(w.detach().float().clone()) for w in tables]
+        self.opt = SparseOptimizer(self.params, optim.kind, optim.lr, optim.eps, optim.betas)
+        self.pooling = pooling
+
+    def forward(self, indices, offsets, psw) -> torch.Tensor:
+        batch = (offsets.numel() - 1) // len(self.params)
+        outs = []
+        for t, p in enumerate(self.params):
+            lo, hi = int(offsets[t * batch]), int(offsets[(t + 1) * batch])
+            outs.append(F.embedding_bag(indices[lo:hi], p, offsets[t * batch:(t + 1) * batch] - lo,
+                                        mode=self.pooling, sparse=True,
+                                        per_sample_weights=None if psw is None else psw[lo:hi]))
+        return torch.cat(outs, dim=1)
+
+    def train_step(self, indices, offsets, psw, upstream) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        out = self.forward(indices, offsets, psw)
+        (out * upstream).sum().backward()
+        self.opt.step()
+        return out.detach()
+
+    def states(self) -> list[dict[str, torch.Tensor]]:
+        return [self.opt.state[p] for p in self.params]
+
+
+def train_step(tbe: TritonTBE, indices, offsets, psw, upstream) -> torch.Tensor:
+    out = tbe(indices, offsets, psw)
+    (out * upstream).sum().backward()
+    return out.detach()
+
+
+def assert_same_tables(tbe: TritonTBE, ref: Reference, **tol) -> None:
+    for t, (ours, theirs) in enumerate(zip(tbe.table_weights(), ref.params)):
+        torch.testing.assert_close(ours.float(), theirs.data, **(tol or TOL), msg=lambda m: f"table {t}: {m}")
+
+
+def assert_same_states(tbe: TritonTBE, ref: Reference) -> None:
+    for t, (ours, theirs) in enumerate(zip(tbe.table_states(), ref.states())):
+        assert set(ours) == set(state_names(tbe.optim.kind)), t
+        for name, value in ours.items():
+            if name == "step":
+                assert int(value) == int(theirs[name]), t
+            else:
+                torch.testing.assert_close(value, theirs[name], **TOL, msg=lambda m: f"table {t} {name}: {m}")
+
+
+def test_kernels_are_interpreted():
+    assert triton_kernels.INTERPRETED, "triton was imported before TRITON_INTERPRET=1 was set in this process"
+    assert TritonTBE(SHAPES, OptimSpec("sgd", lr=0.1)).interpreted
+
+
+@pytest.mark.parametrize("pooling,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_forward_matches_reference(pooling, weighted):
+    tbe = TritonTBE(SHAPES, OptimSpec("sgd", **OPTIM), pooling=pooling)
+    ref = Reference(tbe.table_weights(), tbe.optim, pooling)
+    indices, offsets, psw, _ = make_batch(seed=1, weighted=weighted)
+    out = tbe(indices, offsets, psw)
+    assert out.shape == (BATCH, sum(w for _, w in SHAPES)) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref.forward(indices, offsets, psw), **TOL)
+    empty = (offsets[1:] == offsets[:-1]).view(len(SHAPES), BATCH)
+    assert empty.any()
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_matches_reference(kind, weighted):
+    tbe = TritonTBE(SHAPES, OptimSpec(kind, **OPTIM))
+    ref = Reference(tbe.table_weights(), tbe.optim)
+    for step in range(3):
+        batch = make_batch(seed=10 + step, weighted=weighted)
+        torch.testing.assert_close(train_step(tbe, *batch), ref.train_step(*batch), **TOL)
+    assert_same_tables(tbe, ref)
+    assert_same_states(tbe, ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_runs_summed_in_pieces_match_reference(kind):
+    """Runs longer than ``long_run_ids`` are summed in pieces by their own kernel first; with these
+    limits every repeated row takes that path, and most runs span several pieces."""
+    tbe = TritonTBE(SHAPES, OptimSpec(kind, **OPTIM))
+    tbe.long_run_ids, tbe.piece_ids = 1, 2
+    ref = Reference(tbe.table_weights(), tbe.optim)
+    for step in range(3):
+        batch = make_batch(seed=70 + step, weighted=True)
+        torch.testing.assert_close(train_step(tbe, *batch), ref.train_step(*batch), **TOL)
+    assert_same_tables(tbe, ref)
+    assert_same_states(tbe, ref)
+
+
+def test_mean_pooling_training_matches_reference():
+    tbe = TritonTBE(SHAPES, OptimSpec("rowwise_adagrad", **OPTIM), pooling="mean")
+    tbe.long_run_ids, tbe.piece_ids = 2, 3  # both paths: short runs summed in place, long ones in pieces
+    ref = Reference(tbe.table_weights(), tbe.optim, pooling="mean")
+    for step in range(3):
+        batch = make_batch(seed=20 + step, weighted=False)
+        torch.testing.assert_close(train_step(tbe, *batch), ref.train_step(*batch), **TOL)
+    assert_same_tables(tbe, ref)
+    assert_same_states(tbe, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_storage(dtype):
+    """Rows stored in fp16/bf16 are pooled in fp32; one update is computed in fp32 and rounded once."""
+    tbe = TritonTBE(SHAPES, OptimSpec("adagrad", **OPTIM), dtype=dtype)
+    assert all(w.dtype == dtype for w in tbe.table_weights())
+    ref = Reference(tbe.table_weights(), tbe.optim)  # fp32 copies of the rounded rows
+    batch = make_batch(seed=30, weighted=True)
+    out = train_step(tbe, *batch)
+    torch.testing.assert_close(out, ref.train_step(*batch), **TOL)
+    ulp = dict(rtol=torch.finfo(dtype).eps, atol=torch.finfo(dtype).eps * 0.05)
+    for ours, theirs in zip(tbe.table_weights(), ref.params):
+        torch.testing.assert_close(ours, theirs.data.to(dtype), **ulp)
+    assert_same_states(tbe, ref)
+
+
+@pytest.mark.parametrize("kind", ["rowwise_adagrad", "adam"])
+def test_untouched_rows_never_change(kind):
+    tbe = TritonTBE(SHAPES, OptimSpec(kind, **OPTIM))
+    before = [w.clone() for w in tbe.table_weights()]
+    touched = [torch.zeros(rows, dtype=torch.bool) for rows, _ in SHAPES]
+    for step in range(2):
+        indices, offsets, psw, upstream = make_batch(seed=40 + step, weighted=False)
+        train_step(tbe, indices, offsets, psw, upstream)
+        per_table = torch.split(indices, offsets[::BATCH].diff().tolist())
+        for t, ids in enumerate(per_table):
+            touched[t][ids] = True
+    for t, (w, old) in enumerate(zip(tbe.table_weights(), before)):
+        assert not touched[t][-UNTOUCHED:].any()
+        assert torch.equal(w[~touched[t]], old[~touched[t]]), t
+        assert not torch.equal(w[touched[t]], old[touched[t]]), t
+        for name, value in tbe.table_states()[t].items():
+            if value.dim():
+                assert not value[~touched[t]].any(), (t, name)
+
+
+def test_interface_example():
+    tbe = TritonTBE([(1000, 16), (50, 8)], OptimSpec("adagrad", lr=0.05))
+    before = [w.clone() for w in tbe.table_weights()]
+    out = tbe(torch.tensor([3, 7, 9, 1]), torch.tensor([0, 2, 3, 3, 4]))
+    assert out.shape == (2, 24)
+    torch.testing.assert_close(out[0, :16], before[0][3] + before[0][7])
+    torch.testing.assert_close(out[1, 16:], before[1][1])
+    torch.testing.assert_close(out[1, :16], before[0][9])
+    torch.testing.assert_close(out[0, 16:], torch.zeros(8))  # the empty bag
+    out.sum().backward()
+    changed = [(w != old).any(dim=1).nonzero().flatten().tolist() for w, old in zip(tbe.table_weights(), before)]
+    assert changed == [[3, 7, 9], [1]]
+
+
+def test_views_are_the_storage():
+    tbe = TritonTBE(SHAPES, OptimSpec("adam", **OPTIM))
+    weights, states = tbe.table_weights(), tbe.table_states()
+    with torch.no_grad():
+        weights[1].fill_(2.0)  # a checkpoint loads this way
+    out = tbe(torch.tensor([4]), torch.tensor([0, 0, 1, 1, 1]))  # B = 1: only table 1 has an id
+    torch.testing.assert_close(out[0, 8:13], torch.full((5,), 2.0))
+    shapes = {"row_col": lambda r, w: (r, w), "row": lambda r, w: (r,), "scalar": lambda r, w: ()}
+    for t, (rows, width) in enumerate(SHAPES):
+        for name, rule in state_names("adam").items():
+            assert tuple(states[t][name].shape) == shapes[rule](rows, width), (t, name)
+    states[2]["exp_avg"][5, 3] = 7.0
+    assert tbe.exp_avg[int(tbe.weight_offsets[2]) + 5 * 16 + 3] == 7.0
+    assert all(s["step"] is tbe.step for s in states)
+
+
+def test_no_update_without_grad():
+    tbe = TritonTBE(SHAPES, OptimSpec("sgd", **OPTIM))
+    before = tbe.weights.clone()
+    indices, offsets, psw, _ = make_batch(seed=50, weighted=False)
+    with torch.no_grad():
+        out = tbe(indices, offsets, psw)
+    assert not out.requires_grad
+    assert torch.equal(tbe.weights, before)
+
+
+def test_adam_counts_every_backward_even_without_ids():
+    tbe = TritonTBE(SHAPES, OptimSpec("adam", **OPTIM))
+    ref = Reference(tbe.table_weights(), tbe.optim)
+    empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(len(SHAPES) * BATCH + 1, dtype=torch.int64), None,
+             torch.randn(BATCH, sum(w for _, w in SHAPES)))
+    for batch in [make_batch(seed=60, weighted=False), empty, make_batch(seed=61, weighted=False)]:
+        torch.testing.assert_close(train_step(tbe, *batch), ref.train_step(*batch), **TOL)
+    assert int(tbe.step) == 3
+    assert_same_tables(tbe, ref)
+    assert_same_states(tbe, ref)
+
+
+def test_rejects_bad_arguments():
+    tbe = TritonTBE(SHAPES, OptimSpec("sgd", lr=0.1))
+    with pytest.raises(ValueError, match="T \\* B \\+ 1"):
+        tbe(torch.tensor([1, 2]), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="pooling"):
+        TritonTBE(SHAPES, OptimSpec("sgd", lr=0.1), pooling="max")
+    with pytest.raises(ValueError, match="fp32, fp16 or bf16"):
+        TritonTBE(SHAPES, OptimSpec("sgd", lr=0.1), dtype=torch.float64)
+
+
+def test_benchmark_smoke_runs():
+    """The GPU benchmark script, on a tiny shape under the interpreter (its own process)."""
+    start = time.monotonic()
+    result = run_cli("benchmarks/triton_tbe.py", "--smoke", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for impl in ("triton", "torch"):
+        for pooling in (1, 3):  # the --smoke pooling factors: a measured row each
+            assert re.search(rf"^\| {impl} \| {pooling} \| [0-9.]+ \|", result.stdout, re.M), result.stdout
+        assert re.search(rf"^\| {impl} \| [0-9,]+ \|$", result.stdout, re.M), result.stdout  # end to end
+    assert time.monotonic() - start < 60
+
+
+def test_kernels_compile_for_h100(tmp_path):
+    """The real compiler, front end to cubin, which the interpreter never runs (it accepts kernels the
+    compiler rejects); in its own process, without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run([sys.executable, "tests/triton_compile_check.py"], capture_output=True, text=True,
+                            timeout=300, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("B cubin") == 7 and result.stdout.endswith("compiled\n"), result.stdout

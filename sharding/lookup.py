@@ -11,8 +11,8 @@ layout a table-batched kernel takes.
 
 - ``TorchLookup``: ``F.embedding_bag(sparse=True)`` once per shard width, then ``SparseOptimizer`` on the
   row-sparse gradients after backward. Needs torch only; the reference the others are tested against.
-- ``BatchedLookup``: one ``TableBatchedEmbedding`` kernel call for all shards (fbgemm's op), which
-  updates the rows inside backward.
+- ``BatchedLookup``: one ``TableBatchedEmbedding`` kernel call for all shards (fbgemm's op, or distrec's
+  Triton kernels), which updates the rows inside backward.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from sharding.init import init_rows
 from sharding.optim import OptimSpec, SparseOptimizer
 from sharding.types import Shard, TableConfig
 
-KERNELS = ("auto", "torch", "fbgemm")
+KERNELS = ("auto", "torch", "fbgemm", "triton")
 
 
 @dataclass(frozen=True)
@@ -129,10 +129,16 @@ class BatchedLookup(nn.Module):
     def __init__(self, placed: list[Placed], tables: list[TableConfig], seed: int, optim: OptimSpec,
                  kernel: str, device: torch.device):
         super().__init__()
-        from sharding.kernels.fbgemm import FbgemmTBE
-
         self.kernel, self.placed = kernel, list(placed)
-        self.tbe = FbgemmTBE([(p.shard.num_rows, p.shard.width) for p in placed], optim, device)
+        shapes = [(p.shard.num_rows, p.shard.width) for p in placed]
+        if kernel == "triton":
+            from sharding.kernels.triton_tbe import TritonTBE
+
+            self.tbe = TritonTBE(shapes, optim, device=device)
+        else:
+            from sharding.kernels.fbgemm import FbgemmTBE
+
+            self.tbe = FbgemmTBE(shapes, optim, device)
         with torch.no_grad():
             for w, p in zip(self.tbe.table_weights(), placed):
                 w.copy_(_init_shard(seed, p, tables))
@@ -152,19 +158,31 @@ class BatchedLookup(nn.Module):
 
 def choose_kernel(kernel: str, shapes: list[tuple[int, int]], optim: OptimSpec | None,
                   device: torch.device) -> tuple[str, str]:
-    """(kernel to use, why): "auto" takes fbgemm's op where it can run these shapes, else torch."""
+    """(kernel to use, why). "auto": fbgemm's op where it can run these shapes; else, on CUDA, distrec's
+    Triton kernels; else torch. An explicit kernel that cannot run is an error saying why."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown embedding kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
     if kernel == "torch":
         return "torch", "asked for"
-    from sharding.kernels.fbgemm import unsupported
+    if optim is None:
+        if kernel != "auto":
+            raise ValueError(f"embedding kernel {kernel} fuses the optimizer into backward: give optim")
+        return "torch", "no optimizer given (forward only)"
+    from sharding.kernels import fbgemm, triton_tbe
 
-    why = "no optimizer given (forward only)" if optim is None else unsupported(shapes, optim, device)
-    if why is None:
-        return "fbgemm", "fbgemm_gpu's table-batched op with its fused optimizer"
-    if kernel == "fbgemm":
-        raise ValueError(f"embedding kernel fbgemm cannot run this plan: {why}")
-    return "torch", why
+    why_not = {}
+    if kernel in ("auto", "fbgemm"):
+        why_not["fbgemm"] = fbgemm.unsupported(shapes, optim, device)
+        if why_not["fbgemm"] is None:
+            return "fbgemm", "fbgemm_gpu's table-batched op with its fused optimizer"
+    # On CPU, Triton runs only under its interpreter (tests): never an automatic choice there.
+    if kernel == "triton" or (kernel == "auto" and device.type == "cuda"):
+        why_not["triton"] = triton_tbe.unsupported(device)
+        if why_not["triton"] is None:
+            return "triton", "distrec's Triton kernels with the optimizer fused into backward"
+    if kernel != "auto":
+        raise ValueError(f"embedding kernel {kernel} cannot run this plan: {why_not[kernel]}")
+    return "torch", "; ".join(f"not {k}: {v}" for k, v in why_not.items())
 
 
 def make_lookup(placed: list[Placed], tables: list[TableConfig], seed: int, optim: OptimSpec | None,

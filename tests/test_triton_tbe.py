@@ -293,3 +293,29 @@ def test_kernels_compile_for_h100(tmp_path):
                             timeout=300, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("B cubin") == 7 and result.stdout.endswith("compiled\n"), result.stdout
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sharded_collection_with_triton_kernel_matches_torch_kernel(kind):
+    """The runtime's lookup on the Triton kernel (one rank, a mixed plan) against its plain-PyTorch one."""
+    from sharding.runtime import ShardedEmbeddingCollection
+    from tests.test_sharded import TABLES, make_batch as sharded_batch, make_plan
+
+    results = {}
+    for kernel in ("triton", "torch"):
+        emb = ShardedEmbeddingCollection(TABLES, make_plan(1, kind, "torch"), seed=0, optim=OptimSpec(kind, 0.1),
+                                         kernel=kernel)
+        assert emb.kernel == kernel
+        pooled = []
+        for step in range(2):
+            jb, upstream = sharded_batch(step)
+            out = emb(jb)
+            (out * upstream).sum().backward()
+            emb.sync_replica_grads()
+            emb.step()
+            pooled.append(out.detach())
+        results[kernel] = pooled, [(n, w.clone()) for n, _, w in emb.shard_weights()]
+    for got, want in zip(results["triton"][0], results["torch"][0]):
+        torch.testing.assert_close(got, want, **TOL)
+    for (name, got), (_, want) in zip(results["triton"][1], results["torch"][1]):
+        torch.testing.assert_close(got, want, **TOL, msg=f"{kind}: table {name}")

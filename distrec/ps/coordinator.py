@@ -89,6 +89,18 @@ def fail(message: str, procs: dict) -> None:
     os._exit(1)
 
 
+def fail_process(name: str, detail: str, procs: dict) -> None:
+    """``fail`` for process ``name`` after an RPC to it broke: if it is a local process that has exited
+    (the broken connection usually arrives first, so wait a moment), say that it died and how."""
+    proc = procs.get(name)
+    deadline = time.monotonic() + 2.0
+    while proc is not None and proc.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc is not None and proc.exitcode is not None:
+        fail(f"{label(name)} (pid {proc.pid}) died (exit code {proc.exitcode})", procs)
+    fail(f"{label(name)} {detail}", procs)
+
+
 class Watchdog(threading.Thread):
     """Polls the local processes' exit codes (a death is seen within a second) and pings every process
     over RPC (a remote one that is gone or silent is seen within ``timeout_s``)."""
@@ -117,7 +129,7 @@ class Watchdog(threading.Thread):
                 if self.done.is_set():
                     return
                 pid = self.pids.get(name, "unknown")
-                fail(f"{label(name)} (pid {pid}) is unreachable: {str(e).splitlines()[0]}", self.procs)
+                fail_process(name, f"(pid {pid}) is unreachable: {str(e).splitlines()[0]}", self.procs)
 
 
 def label(name: str) -> str:

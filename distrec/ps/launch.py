@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from distrec.config import Config, ConfigError, dump_toml, load_config, table_specs
 from distrec.data.manifest import read_manifest
 from distrec.logs import MetricsLog, write_resolved_config
-from distrec.ps.coordinator import Reporter, Watchdog, evaluate, fail, label
+from distrec.ps.coordinator import Reporter, Watchdog, evaluate, fail, fail_process, label
 from distrec.ps.rows import Partition
 from distrec.ps.server import ParamServer
 from distrec.ps.worker import ServerClient, run_worker
@@ -118,7 +118,7 @@ def supervise(cfg, futures, reporter, specs, client, servers, procs) -> None:
                 try:
                     f.wait()
                 except Exception as e:  # noqa: BLE001 - the worker's own error, shown as one line
-                    fail(f"worker {w} failed: {str(e).strip().splitlines()[-1]}", procs)
+                    fail_process(f"worker{w}", f"failed: {str(e).strip().splitlines()[-1]}", procs)
         if next_eval and reporter.steps >= next_eval:
             reporter.log.evaluation(reporter.steps, **evaluate(cfg, specs, client))
             next_eval += cfg.eval.every_steps

@@ -5,6 +5,7 @@
     distrec data synth --config configs/demo.toml --out runs/demo/data
     distrec data preprocess --in day_0.gz day_1.gz --out runs/criteo
     distrec reshard --checkpoint runs/demo/ckpt --out model.pt --unsharded
+    distrec plan --gpus 8 --config configs/criteo_terabyte.toml --hbm-gb 16 --json plan.json
 """
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def _reshard(args: argparse.Namespace, rest: list[str]) -> int:
     return reshard_main(args, rest)
 
 
+def _plan(args: argparse.Namespace, rest: list[str]) -> int:
+    from distrec.plan_cmd import main as plan_main
+
+    return plan_main(args, rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distrec", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"distrec {__version__}")
@@ -69,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                              epilog="Further arguments are config overrides for the target plan: --plan.default=...")
     add_reshard_arguments(reshard)
     reshard.set_defaults(func=_reshard)
+    from distrec.plan_cmd import add_arguments as add_plan_arguments
+
+    plan = sub.add_parser("plan", help="place the embedding tables on N ranks: estimated memory, step time, why",
+                          epilog="Further arguments are config overrides: --section.key=value")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_plan)
     return p
 
 

@@ -76,14 +76,14 @@ def _columns(rows: list[tuple[str, ...]], right: set[int]) -> str:
 
 
 def format_tables(result: PlanResult, tables: list[TableConfig]) -> str:
-    rows = [("table", "rows", "dim", "size", "type", "ranks", "why", "best rejected alternative")]
+    rows = [("table", "rows", "dim", "ids/sample", "size", "type", "ranks", "why", "best rejected alternative")]
     for t in tables:
         d = result.decisions[t.name]
         ranks = sorted({s.rank for s in result.plan.tables[t.name].shards})
         alt = f"{d.alternative}: {d.alternative_cost}" if d.alternative else d.alternative_cost
-        rows.append((t.name, f"{t.num_rows:,}", str(t.dim), size(table_bytes(t, result.workload.optimizer)),
-                     d.option.label, _rank_list(ranks), d.reason, alt))
-    return _columns(rows, right={1, 2, 3})
+        rows.append((t.name, f"{t.num_rows:,}", str(t.dim), f"{result.workload.pooling_factor(t.name):g}",
+                     size(table_bytes(t, result.workload.optimizer)), d.option.label, _rank_list(ranks), d.reason, alt))
+    return _columns(rows, right={1, 2, 3, 4})
 
 
 def format_ranks(result: PlanResult) -> str:

@@ -9,7 +9,6 @@ when there is more than one node. Per-table constraints narrow the types and the
 """
 from __future__ import annotations
 
-from sharding.plan import row_wise_shards
 from sharding.planner.estimate import FP32_BYTES
 from sharding.planner.types import Piece, PlannerError, ShardOption, TableConstraints, Topology
 from sharding.types import ShardingType, TableConfig
@@ -67,9 +66,11 @@ def _candidate_ranks(t: TableConfig, topo: Topology, constraints: TableConstrain
 
 
 def _row_option(t: TableConfig, kind: ShardingType, ranks: tuple[int, ...]) -> ShardOption:
-    shards = row_wise_shards(t.num_rows, t.dim, list(ranks))
-    pieces = tuple(Piece(s.row_start, s.row_end, 0, t.dim) for s in shards)
-    return ShardOption(t.name, kind, pieces, tuple(s.rank for s in shards))
+    """Row blocks as ``sharding.plan.row_wise_shards`` cuts them (ceil(rows / ranks), none empty)."""
+    block = -(-t.num_rows // len(ranks))
+    n = -(-t.num_rows // block)
+    pieces = tuple(Piece(i * block, min((i + 1) * block, t.num_rows), 0, t.dim) for i in range(n))
+    return ShardOption(t.name, kind, pieces, ranks[:n])
 
 
 def _column_option(t: TableConfig, n: int, ranks: tuple[int, ...]) -> ShardOption:

@@ -182,7 +182,9 @@ class RankModel:
         the owner-side bytes of the three all-to-alls (the partitioner's inner loop)."""
         s, (ri, ro, rg) = self.s_per_byte, self.requester
         c = self.fwd_latency + self.bwd_latency + self.replica_latency + self.dense + self.other
-        return [b + (max(i, ri) + max(o, ro) + max(g, rg)) * s + c for b, i, o, g in zip(base, ids, out, grad)]
+        # conditional expressions, not max(): this runs millions of times on large plans
+        return [b + ((i if i > ri else ri) + (o if o > ro else ro) + (g if g > rg else rg)) * s + c
+                for b, i, o, g in zip(base, ids, out, grad)]
 
     def memory(self, v) -> MemoryCost:
         return MemoryCost(weights=v[MEM_WEIGHTS], optimizer=v[MEM_OPTIMIZER], workspace=v[MEM_WORKSPACE],

@@ -15,7 +15,8 @@ Greedy, no exhaustive search (thousands of tables, hundreds of ranks):
    memory, whichever is the larger share of a rank) onto the least-loaded rank with room;
 4. local search on the slowest rank: move one of its shards to the rank where it ends fastest, or
    give one of its tables another option (split further, replicate), while that lowers the slowest
-   rank's time.
+   rank's time; then move shards off the fullest rank where no rank gets slower than the slowest;
+5. every table tries every other option in place; those results explain the plan.
 
 If shards do not pack into memory, steps 1-3 run again with smaller shards (a smaller share of a
 rank per shard), down to 1/W. Per rank the search keeps five columns: lookup and all-reduce seconds,
@@ -23,6 +24,7 @@ the three all-to-alls' owner-side bytes, and memory (``estimate.RankModel.times`
 """
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 from sharding.planner.estimate import (MEM_BUFFERS, MEM_OPTIMIZER, MEM_WEIGHTS, MEM_WORKSPACE, T_ALLREDUCE,
@@ -52,9 +54,13 @@ class Aggregate:
         self.topo, self.work = topo, work
         self.requester = [0.0, 0.0, 0.0]
         self.ids, self.sharded, self.widths = 0.0, 0, Counter()
+        self._bytes: dict[int, tuple[float, float, float]] = {}  # requester bytes by id(option)
 
     def add(self, t: TableConfig, option: ShardOption, sign: int = 1) -> None:
-        for i, x in enumerate(requester_bytes(t, option, self.work)):
+        key = id(option)  # options live as long as the search
+        if key not in self._bytes:
+            self._bytes[key] = requester_bytes(t, option, self.work)
+        for i, x in enumerate(self._bytes[key]):
             self.requester[i] += sign * x
         if option.kind is ShardingType.DATA_PARALLEL:
             self.widths[t.dim] += sign
@@ -80,6 +86,7 @@ class Search:
         self.s_per_byte = alltoall_seconds_per_byte(topo)
         self.costs = [[self._option_costs(t, o) for o in opts] for t, opts in zip(tables, options)]
         self.work_s = [[sum(self.piece_s(c) for c in cs) for cs in per] for per in self.costs]
+        self._deltas: dict[tuple[int, int], list[list[float]]] = {}  # (table, option) -> per-rank columns
         self.reset()
 
     def reset(self) -> None:
@@ -140,7 +147,18 @@ class Search:
                 break
         if self.feasible():
             self._local_search()
+            self._spread_memory()
             self.alternatives = self._final_passes()
+
+    def _spread_memory(self) -> None:
+        """Move shards off the rank with the most memory onto ranks with less, where that keeps every
+        rank below the slowest rank's time: the step time stays, memory headroom grows."""
+        for _ in range(MAX_LOCAL_STEPS_PER_TABLE * len(self.tables)):
+            mem, worst = self.cols[MEM], max(self.times())
+            m = max(range(len(mem)), key=mem.__getitem__)
+            pieces = sorted(self.on_rank[m], key=lambda x: -self.costs[x[0]][self.choice[x[0]]][x[1]][MEM])
+            if not any(self._move_for_memory(ti, pi, m, worst) for ti, pi in pieces[:LOCAL_SEARCH_CANDIDATES]):
+                break
 
     def _final_passes(self) -> list[list[tuple[int, float | None]]]:
         """Try every other option of every table in place (the rest where it is); take one that lowers
@@ -254,15 +272,18 @@ class Search:
         if kind not in FREE:
             return self._fit_fixed(ti)
         option, times, free, mem = self.options[ti][self.choice[ti]], self.times(), self.model.free_bytes(), self.cols[MEM]
+        costs = self.costs[ti][self.choice[ti]]
+        if len(costs) == 1:  # most tables: the least loaded rank, if it has room
+            r = min(option.ranks, key=times.__getitem__)
+            if free - mem[r] >= costs[0][MEM]:
+                return [r]
+        order = sorted(option.ranks, key=times.__getitem__)  # stable: ties go to the lower rank
         ranks: list[int] = []
-        for h in self.costs[ti][self.choice[ti]]:
-            best = None
-            for r in option.ranks:
-                if free - mem[r] >= h[MEM] and r not in ranks and (best is None or times[r] < times[best]):
-                    best = r
-            if best is None:
+        for h in costs:
+            r = next((r for r in order if free - mem[r] >= h[MEM] and r not in ranks), None)
+            if r is None:
                 return None
-            ranks.append(best)
+            ranks.append(r)
         return ranks
 
     def _fit_node(self, ti: int) -> list[int] | None:
@@ -296,6 +317,8 @@ class Search:
         return None
 
     def _add(self, ti: int, ranks: list[int], sign: int = 1) -> None:
+        if self._fixed(ti) and len(ranks) == self.topo.world_size:
+            return self._add_everywhere(ti, sign)
         movable, cols = self._movable(ti), self.cols
         for pi, (r, h) in enumerate(zip(ranks, self.costs[ti][self.choice[ti]])):
             for k in range(5):
@@ -303,6 +326,20 @@ class Search:
             if movable:
                 (self.on_rank[r].add if sign > 0 else self.on_rank[r].discard)((ti, pi))
         self.ranks[ti] = ranks if sign > 0 else None
+
+    def _add_everywhere(self, ti: int, sign: int) -> None:
+        """A row-wise or replicated table with a shard on every rank: whole columns at once."""
+        key = (ti, self.choice[ti])
+        if key not in self._deltas:
+            ranks, costs = self.options[ti][self.choice[ti]].ranks, self.costs[ti][self.choice[ti]]
+            delta = [[0.0] * self.topo.world_size for _ in range(5)]
+            for r, h in zip(ranks, costs):
+                for k in range(5):
+                    delta[k][r] = h[k]
+            self._deltas[key] = delta
+        op = operator.add if sign > 0 else operator.sub
+        self.cols = [list(map(op, col, d)) for col, d in zip(self.cols, self._deltas[key])]
+        self.ranks[ti] = list(self.options[ti][self.choice[ti]].ranks) if sign > 0 else None
 
     # ---- local search -----------------------------------------------------------------------------
     def _local_search(self) -> None:
@@ -333,13 +370,32 @@ class Search:
                 best, best_s = r, s
         if best is None:
             return False
-        for k in range(5):
-            cols[k][b] -= h[k]
-            cols[k][best] += h[k]
-        self.on_rank[b].discard((ti, pi))
-        self.on_rank[best].add((ti, pi))
-        self.ranks[ti][pi] = best
+        self._move(ti, pi, b, best)
         return True
+
+    def _move_for_memory(self, ti: int, pi: int, m: int, worst: float) -> bool:
+        h, held, cols = self.costs[ti][self.choice[ti]][pi], set(self.ranks[ti]), self.cols
+        best = None
+        for r in self.options[ti][self.choice[ti]].ranks:
+            if r in held or cols[MEM][r] + h[MEM] >= cols[MEM][m] or (best is not None and cols[MEM][r] >= cols[MEM][best]):
+                continue
+            s = self.model.times([cols[BASE][r] + h[BASE]], [cols[IDS][r] + h[IDS]], [cols[OUT][r] + h[OUT]],
+                                 [cols[GRAD][r] + h[GRAD]])[0]
+            if s < worst - EPS_S:
+                best = r
+        if best is None:
+            return False
+        self._move(ti, pi, m, best)
+        return True
+
+    def _move(self, ti: int, pi: int, src: int, dst: int) -> None:
+        h, cols = self.costs[ti][self.choice[ti]][pi], self.cols
+        for k in range(5):
+            cols[k][src] -= h[k]
+            cols[k][dst] += h[k]
+        self.on_rank[src].discard((ti, pi))
+        self.on_rank[dst].add((ti, pi))
+        self.ranks[ti][pi] = dst
 
     def _try_other(self, ti: int, worst: float) -> bool:
         """Give the table another option (split further, replicate, ...) if the slowest rank gains."""

@@ -1,8 +1,8 @@
 """Measure this machine's lookup, all-to-all and dense rates on real ranks, and keep them for later
 estimates (``distrec plan --calibrate``).
 
-    rates = calibrate(CalibrationSpec(world_size=2, dim=16, batch_per_rank=4096, optimizer="adagrad",
-                                      dense_layers=[(13, 64), (64, 16)]))
+    rates = calibrate(CalibrationSpec(world_size=2, tables=[(1000, 16), (500, 16)], batch_per_rank=4096,
+                                      optimizer="adagrad", dense_layers=[(13, 64), (64, 16)]))
     save_calibration("~/.cache/distrec/calibration.json", "cpu", rates)
     topo = apply_calibration(make_topology("cpu", 2), load_calibration(path, "cpu"), path)
 

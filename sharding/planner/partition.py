@@ -30,7 +30,7 @@ from collections import Counter
 from sharding.planner.estimate import (MEM_BUFFERS, MEM_OPTIMIZER, MEM_WEIGHTS, MEM_WORKSPACE, T_ALLREDUCE,
                                        T_BWD, T_FWD, X_GRAD, X_IDS, X_OUT, RankModel, alltoall_seconds_per_byte,
                                        piece_cost, requester_bytes)
-from sharding.planner.types import ShardOption, Topology, Workload
+from sharding.planner.types import ShardOption, Topology, Workload, human_bytes
 from sharding.types import ShardingType, TableConfig
 
 # A shard slower than this fraction of the mean rank's work is split before placement: one piece
@@ -199,8 +199,8 @@ class Search:
     def _memory_reason(self, ti: int, cheapest: int, empty: float) -> str:
         need, label = self.max_piece_mem(ti, cheapest), self.options[ti][cheapest].label
         if need > empty:
-            return f"memory: {label} needs {need / 1e9:.1f} GB on one rank, {empty / 1e9:.1f} GB free"
-        return f"memory: {label}'s {need / 1e9:.1f} GB shards did not pack into the ranks with the rest"
+            return f"memory: {label} needs {human_bytes(need)} on one rank, {human_bytes(empty)} free"
+        return f"memory: {label}'s {human_bytes(need)} shards did not pack into the ranks with the rest"
 
     def _cost_reason(self, ti: int, oi: int) -> str:
         if self.options[ti][oi].kind is ShardingType.DATA_PARALLEL:

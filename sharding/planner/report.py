@@ -8,15 +8,11 @@ from __future__ import annotations
 
 from sharding.plan import _rank_list
 from sharding.planner.estimate import FP32_BYTES, optimizer_bytes
-from sharding.planner.types import GB, PlannerError, PlanResult, TableDecision
+from sharding.planner.types import GB, PlannerError, PlanResult, TableDecision, human_bytes
 from sharding.types import ShardingType, TableConfig
 
 
-def size(nbytes: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes:.0f} B"
+size = human_bytes
 
 
 def table_bytes(t: TableConfig, optimizer: str) -> float:
@@ -117,11 +113,11 @@ def format_summary(result: PlanResult) -> str:
 def format_header(result: PlanResult) -> str:
     topo, work = result.topology, result.workload
     calibrated = f", calibrated from {topo.calibrated}" if topo.calibrated else ""
-    return (f"plan: {topo.world_size} ranks on {topo.nodes} node(s), {topo.name} ({topo.hbm_bytes / GB:.1f} GB, "
+    return (f"plan: {topo.world_size} ranks on {topo.nodes} node(s), {topo.name} ({size(topo.hbm_bytes)}, "
             f"{topo.hbm_bw_bytes_per_s / GB:,.0f} GB/s memory, {topo.intra_node_bw_bytes_per_s / GB:,.1f} GB/s "
             f"intra-node, {topo.inter_node_bw_bytes_per_s / GB:,.2f} GB/s inter-node per rank{calibrated}); "
             f"batch {work.batch_per_rank:,} per rank; sparse optimizer {work.optimizer}; "
-            f"reserve {work.reserve_bytes / GB:.1f} GB per rank")
+            f"reserve {size(work.reserve_bytes)} per rank")
 
 
 def format_result(result: PlanResult, tables: list[TableConfig]) -> str:

@@ -29,34 +29,34 @@ GPU_COLLECTIVE_LATENCY_S = 30e-6
 # Kernel launches and Python per step of a DLRM trainer (assumption: a few hundred launches x ~5 us).
 GPU_STEP_OVERHEAD_S = 2e-3
 
-_A100_80G = dict(
+_A100_80G = MappingProxyType(dict(
     hbm_bytes=80 * GB,  # NVIDIA A100 datasheet (nvidia.com, "A100 Tensor Core GPU" datasheet): 80GB HBM2e
     hbm_bw_bytes_per_s=2039 * GB,  # same datasheet, A100 80GB SXM: 2,039 GB/s
     intra_node_bw_bytes_per_s=300 * GB,  # same datasheet: NVLink 600 GB/s (both directions)
     inter_node_bw_bytes_per_s=25 * GB,  # NVIDIA DGX A100 datasheet: 8x ConnectX-6 200 Gb/s HDR, one per GPU
     dense_flops_per_s=19.5e12,  # A100 datasheet: FP32 19.5 TFLOPS
-)
-_H100_80G = dict(
+))
+_H100_80G = MappingProxyType(dict(
     hbm_bytes=80 * GB,  # NVIDIA H100 datasheet ("H100 Tensor Core GPU"), H100 SXM: 80GB HBM3
     hbm_bw_bytes_per_s=3350 * GB,  # same datasheet, H100 SXM: 3.35 TB/s
     intra_node_bw_bytes_per_s=450 * GB,  # same datasheet: NVLink 900 GB/s (both directions)
     inter_node_bw_bytes_per_s=50 * GB,  # NVIDIA DGX H100 datasheet: 8x ConnectX-7 400 Gb/s, one per GPU
     dense_flops_per_s=67e12,  # H100 datasheet, SXM: FP32 67 TFLOPS
-)
-_H200 = dict(
+))
+_H200 = MappingProxyType(dict(
     hbm_bytes=141 * GB,  # NVIDIA H200 datasheet ("H200 Tensor Core GPU"), H200 SXM: 141GB HBM3e
     hbm_bw_bytes_per_s=4800 * GB,  # same datasheet: 4.8 TB/s
     intra_node_bw_bytes_per_s=450 * GB,  # same datasheet: NVLink 900 GB/s (both directions)
     inter_node_bw_bytes_per_s=50 * GB,  # NVIDIA DGX H200 datasheet: 8x ConnectX-7 400 Gb/s, one per GPU
     dense_flops_per_s=67e12,  # H200 datasheet, SXM: FP32 67 TFLOPS
-)
-_GPU_FACTORS = dict(lookup_efficiency=GPU_LOOKUP_EFFICIENCY, comm_efficiency=GPU_COMM_EFFICIENCY,
-                    dense_efficiency=GPU_DENSE_EFFICIENCY, collective_latency_s=GPU_COLLECTIVE_LATENCY_S,
-                    step_overhead_s=GPU_STEP_OVERHEAD_S)
+))
+_GPU_FACTORS = MappingProxyType(dict(
+    lookup_efficiency=GPU_LOOKUP_EFFICIENCY, comm_efficiency=GPU_COMM_EFFICIENCY, dense_efficiency=GPU_DENSE_EFFICIENCY,
+    collective_latency_s=GPU_COLLECTIVE_LATENCY_S, step_overhead_s=GPU_STEP_OVERHEAD_S))
 
 # This project's CPU machine: 2 vCPUs of an AMD EPYC (Zen 3) under KVM, 24.7 GB RAM, gloo ranks. Measured
 # here on 2026-11-23 (no datasheet applies to a VM slice); `distrec plan --calibrate` re-measures.
-_CPU = dict(
+_CPU = MappingProxyType(dict(
     hbm_bytes=12.6 * GB,  # /proc/meminfo MemTotal 24,683,656 kB, shared by 2 ranks (one per core)
     # torch: b.copy_(a) of 256 MiB fp32, 1 thread, best of 5, (read + write bytes) / s: 14.4 GB/s
     hbm_bw_bytes_per_s=14 * GB,
@@ -68,13 +68,13 @@ _CPU = dict(
     dense_efficiency=0.3,  # small MLPs (64 wide) fall far below large-matmul rates (assumption)
     collective_latency_s=200e-6,  # gloo small all-to-all over loopback, 2 ranks (assumption, calibrate)
     step_overhead_s=10e-3,  # Python and dispatch per step of the CPU trainer (assumption, calibrate)
-)
+))
 
 PRESETS = MappingProxyType({
     "a100-80g": MappingProxyType({**_A100_80G, **_GPU_FACTORS}),
     "h100-80g": MappingProxyType({**_H100_80G, **_GPU_FACTORS}),
     "h200": MappingProxyType({**_H200, **_GPU_FACTORS}),
-    "cpu": MappingProxyType(_CPU),
+    "cpu": _CPU,
 })
 
 

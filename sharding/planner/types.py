@@ -16,6 +16,14 @@ from sharding.types import PlanError, ShardingPlan, ShardingType
 GB = 1e9  # bytes; GPU memory is quoted in these units by the vendors' datasheets
 
 
+def human_bytes(nbytes: float) -> str:
+    """``human_bytes(23.5e9)`` -> "23.50 GB": decimal units, as GPU datasheets quote memory."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
 class PlannerError(PlanError):
     """The planner was asked something it cannot do (bad topology, contradictory constraints)."""
 

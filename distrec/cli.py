@@ -6,6 +6,7 @@
     distrec data preprocess --in day_0.gz day_1.gz --out runs/criteo
     distrec reshard --checkpoint runs/demo/ckpt --out model.pt --unsharded
     distrec ps --workers 2 --servers 1 --config configs/demo.toml
+    distrec plan --gpus 8 --config configs/criteo_terabyte.toml --hbm-gb 16 --json plan.json
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ def _ps(args: argparse.Namespace, rest: list[str]) -> int:
     from distrec.ps.launch import main as ps_main
 
     return ps_main(args, rest)
+def _plan(args: argparse.Namespace, rest: list[str]) -> int:
+    from distrec.plan_cmd import main as plan_main
+
+    return plan_main(args, rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="Further arguments are config overrides: --section.key=value")
     add_ps_arguments(ps)
     ps.set_defaults(func=_ps)
+    from distrec.plan_cmd import add_arguments as add_plan_arguments
+
+    plan = sub.add_parser("plan", help="place the embedding tables on N ranks: estimated memory, step time, why",
+                          epilog="Further arguments are config overrides: --section.key=value")
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_plan)
     return p
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_CATEGORICAL = [f"C{i}" for i in range(1, 27)]
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel")
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
 
 
 class ConfigError(ValueError):
@@ -73,18 +73,40 @@ class ModelConfig:
 class PlanConfig:
     """Where each table lives: a plan file, or a built-in placement with per-table overrides."""
 
-    default: str = "row_wise"  # table_wise | row_wise | column_wise | data_parallel
+    default: str = "row_wise"  # table_wise | row_wise | column_wise | data_parallel | table_row_wise
     file: str = ""  # a plan JSON (sharding.plan.save_plan); overrides everything below
     table_wise: list[str] = field(default_factory=list)  # tables placed otherwise than the default
     row_wise: list[str] = field(default_factory=list)
     column_wise: list[str] = field(default_factory=list)
     data_parallel: list[str] = field(default_factory=list)
-    # Lookup kernel for the sharded tables: auto (fbgemm's table-batched op with its fused optimizer
-    # where it can run the plan, else torch) | torch (F.embedding_bag + SparseOptimizer) | fbgemm
+    table_row_wise: list[str] = field(default_factory=list)
+    # Lookup kernel for the sharded tables: auto (fbgemm's table-batched op with its fused optimizer where
+    # it can run the plan; on CUDA without it, triton; else torch) | torch (F.embedding_bag +
+    # SparseOptimizer) | fbgemm | triton
     kernel: str = "auto"
 
     def overrides(self) -> dict[str, str]:
         return {name: kind for kind in SHARDING_TYPES for name in getattr(self, kind)}
+
+
+@dataclass
+class PlannerConfig:
+    """``distrec plan`` and the trainer's estimates: the device (a preset, any number overridden), the
+    work beside the tables, per-table constraints. GB are 1e9 bytes; 0 means "the preset's"."""
+
+    preset: str = "h100-80g"  # a100-80g | h100-80g | h200 | cpu; the trainer uses cpu on CPU ranks
+    nodes: int = 1
+    hbm_gb: float = 0.0  # device memory per rank
+    mem_bw_gbps: float = 0.0  # device memory bandwidth per rank, GB/s
+    intra_node_gbps: float = 0.0  # per rank, one direction, GB/s
+    inter_node_gbps: float = 0.0
+    batch_size: int = 0  # per rank; 0: train.global_batch_size / ranks
+    reserve_gb: float = 1.0  # per rank, for the dense model, its optimizer and activations
+    pooling_factors: list[float] = field(default_factory=list)  # ids per sample per feature; []: hotnesses
+    allowed_types: dict[str, list[str]] = field(default_factory=dict)  # table -> types it may take
+    pinned_ranks: dict[str, list[int]] = field(default_factory=dict)  # table -> ranks it may use
+    data_parallel_max_mb: float = 64.0  # tables up to this many MB of weights may be replicated
+    calibration: str = ""  # rates from `distrec plan --calibrate`; "": the default file if any; "none"
 
 
 @dataclass
@@ -171,6 +193,7 @@ class Config:
     tables: TablesConfig = field(default_factory=TablesConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     dense: DenseConfig = field(default_factory=DenseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -203,9 +226,10 @@ CHOICES = {
     ("optimizer", "sparse"): ("sgd", "adagrad", "rowwise_adagrad", "adam"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("plan", "default"): SHARDING_TYPES,
-    ("plan", "kernel"): ("auto", "torch", "fbgemm"),
+    ("plan", "kernel"): ("auto", "torch", "fbgemm", "triton"),
     ("dense", "engine"): ("ddp", "horovod"),
     ("ps", "partition"): ("hash", "range"),
+    ("planner", "preset"): ("a100-80g", "h100-80g", "h200", "cpu"),
 }
 
 
@@ -221,6 +245,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table {{name = value}}, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list of {_type_name(args[0])}, got {value!r}")
@@ -357,6 +385,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: train.global_batch_size must be >= 1")
     if cfg.ps.workers < 1 or cfg.ps.servers < 1 or cfg.ps.timeout_s <= 0:
         raise ConfigError(f"{src}: ps.workers and ps.servers must be >= 1 and ps.timeout_s > 0")
+    _validate_planner(cfg, [spec.name for spec in specs])
+
+
+def _validate_planner(cfg: Config, tables: list[str]) -> None:
+    src, p = cfg.source, cfg.planner
+    for key in ("allowed_types", "pinned_ranks"):
+        unknown = sorted(set(getattr(p, key)) - set(tables))
+        if unknown:
+            raise ConfigError(f"{src}: planner.{key} names table(s) {', '.join(unknown)}, which are not configured")
+    for table, kinds in p.allowed_types.items():
+        bad = [k for k in kinds if k not in SHARDING_TYPES]
+        if bad or not kinds:
+            raise ConfigError(f"{src}: planner.allowed_types.{table} = {kinds!r}: each must be one of "
+                              f"{', '.join(SHARDING_TYPES)}, and at least one")
+    if p.pooling_factors and len(p.pooling_factors) != len(tables):
+        raise ConfigError(f"{src}: planner.pooling_factors has {len(p.pooling_factors)} entries but the schema "
+                          f"has {len(tables)} categorical features")
+    if any(not x > 0 for x in p.pooling_factors) or p.nodes < 1 or p.batch_size < 0 or p.reserve_gb < 0:
+        raise ConfigError(f"{src}: planner.pooling_factors must be > 0, planner.nodes >= 1, "
+                          f"planner.batch_size and planner.reserve_gb >= 0")
 
 
 def to_dict(cfg: Config) -> dict:

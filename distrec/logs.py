@@ -43,6 +43,10 @@ class MetricsLog:
         self._write({"kind": "eval", "step": step, "auc": auc, "logloss": logloss, "rows": rows})
         self.info(f"eval step {step}: auc {auc:.4f} logloss {logloss:.4f} over {rows:,} rows")
 
+    def record(self, record: dict) -> None:
+        """Another kind of line for metrics.jsonl (e.g. the plan check)."""
+        self._write(record)
+
     def info(self, text: str) -> None:
         if self.is_main:
             (self.bar.write if self.bar else print)(text)

@@ -24,6 +24,7 @@ from distrec.logs import MetricsLog, write_resolved_config
 from distrec.loop import Position, evaluate, pipelined, restore, train_step, training_state
 from distrec.model.dlrm import DLRM
 from distrec.optim import make_optimizers, sparse_spec
+from distrec.plan_check import report_plan_check
 from sharding.plan import describe_plan, load_plan, simple_plan
 from sharding.runtime import InputError, ShardedEmbeddingCollection
 from sharding.types import PlanError, TableConfig
@@ -108,6 +109,7 @@ def run(cfg: Config, ctx: DistContext) -> dict:
         if pos.step:
             log.info(f"resumed from {cfg.checkpoint.dir} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
     result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log)
+    report_plan_check(cfg, ctx, plan, specs, model.embeddings, result, log)
     result["bayes_auc"] = manifest.get("bayes_auc")
     log.close()
     return result
@@ -195,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distrec.train", description=__doc__.split("\n")[0],
                                      epilog="Further arguments override the config: --section.key=value")
     parser.add_argument("--config", help="a TOML file under configs/; defaults apply without one")
+    parser.add_argument("--plan", metavar="PLAN.json", help="a plan from `distrec plan --json` (= --plan.file=)")
     args, overrides = parser.parse_known_args(argv)
+    overrides += [f"--plan.file={args.plan}"] if args.plan else []
     ctx = None
     try:
         cfg = load_config(args.config, overrides)

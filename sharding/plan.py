@@ -31,19 +31,28 @@ BYTES_PER_ELEMENT = 4
 
 
 def simple_plan(tables: list[TableConfig], world_size: int, default: str | ShardingType,
-                overrides: dict[str, str | ShardingType] | None = None) -> ShardingPlan:
-    """One sharding type per table (``default`` unless overridden by name), placed deterministically."""
+                overrides: dict[str, str | ShardingType] | None = None,
+                ranks_per_node: int | None = None) -> ShardingPlan:
+    """One sharding type per table (``default`` unless overridden by name), placed deterministically.
+    Table-row-wise tables take the nodes of ``ranks_per_node`` ranks in turn (one node: row-wise)."""
     _check_tables(tables)
     _check_world_size(world_size)
     types = _choose_types(tables, default, overrides or {})
+    node = ranks_per_node or world_size
+    if world_size % node:
+        raise PlanError(f"{world_size} ranks do not split into nodes of {node} ranks")
     load = [0] * world_size
     plans: dict[str, TablePlan] = {}
     # Spread tables first: their shards are fixed, and the greedy table-wise pass must see their load.
-    column_wise_index = 0
+    column_wise_index = table_row_wise_index = 0
     for t in tables:
         kind = types[t.name]
         if kind is ShardingType.ROW_WISE:
             shards = _row_wise_shards(t, world_size)
+        elif kind is ShardingType.TABLE_ROW_WISE:
+            first = (table_row_wise_index % (world_size // node)) * node
+            shards = row_wise_shards(t.num_rows, t.dim, list(range(first, first + node)))
+            table_row_wise_index += 1
         elif kind is ShardingType.COLUMN_WISE:
             shards = _column_wise_shards(t, world_size, offset=column_wise_index)
             column_wise_index += 1
@@ -88,9 +97,15 @@ def _choose_types(tables: list[TableConfig], default: str | ShardingType,
 
 
 def _row_wise_shards(t: TableConfig, world_size: int) -> list[Shard]:
-    block = -(-t.num_rows // world_size)
-    return [Shard(r, r * block, min((r + 1) * block, t.num_rows), 0, t.dim)
-            for r in range(world_size) if r * block < t.num_rows]
+    return row_wise_shards(t.num_rows, t.dim, list(range(world_size)))
+
+
+def row_wise_shards(num_rows: int, dim: int, ranks: list[int]) -> list[Shard]:
+    """Blocks of ceil(rows / len(ranks)) rows on ``ranks`` in order; no empty shards, so a table with
+    fewer rows than ranks leaves the last ranks out: ``row_wise_shards(10, 4, [2, 3])``."""
+    block = -(-num_rows // len(ranks))
+    return [Shard(r, i * block, min((i + 1) * block, num_rows), 0, dim)
+            for i, r in enumerate(ranks) if i * block < num_rows]
 
 
 def _column_wise_shards(t: TableConfig, world_size: int, offset: int) -> list[Shard]:
@@ -158,7 +173,7 @@ def _validate_table(tp: TablePlan, t: TableConfig, world_size: int) -> None:
         _validate_shard(s, t, world_size)
     if kind is ShardingType.TABLE_WISE:
         _check_table_wise(tp.shards, t)
-    elif kind is ShardingType.ROW_WISE:
+    elif kind in (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE):
         _check_tiling(tp.shards, t, axis="row")
     elif kind is ShardingType.COLUMN_WISE:
         _check_tiling(tp.shards, t, axis="col")
@@ -187,7 +202,7 @@ def _check_table_wise(shards: list[Shard], t: TableConfig) -> None:
 
 def _check_tiling(shards: list[Shard], t: TableConfig, axis: str) -> None:
     """Row-wise (axis "row") or column-wise ("col") shards must span the other axis and tile this one."""
-    if axis == "row":
+    if axis == "row":  # table-row-wise too: the node it sits on is the planner's business
         kind, size, spans = "row-wise", t.num_rows, [(s.row_start, s.row_end) for s in shards]
         full_other = all((s.col_start, s.col_end) == (0, t.dim) for s in shards)
         other = "all columns"

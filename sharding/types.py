@@ -7,7 +7,9 @@
 
 Every table has a plan; a table-wise table has one shard (all rows and columns), a row-wise table one
 shard per row range, a column-wise table one shard per column range, and a data-parallel table one
-full shard on every rank (a replica; its gradients are all-reduced).
+full shard on every rank (a replica; its gradients are all-reduced). A table-row-wise table is row-wise
+with its shards on the ranks of one node only (the planner's choice when nodes > 1); the runtime routes
+it like any row-wise table.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class ShardingType(str, enum.Enum):
     ROW_WISE = "row_wise"
     COLUMN_WISE = "column_wise"
     DATA_PARALLEL = "data_parallel"
+    TABLE_ROW_WISE = "table_row_wise"
 
 
 class PlanError(ValueError):

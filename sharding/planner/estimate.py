@@ -1,0 +1,240 @@
+"""The cost model: bytes and seconds of one shard on its rank, summed per rank.
+
+    cost = piece_cost(TableConfig("C1", 1000, 16), Piece(0, 500, 0, 16), ShardingType.ROW_WISE, work, topo)
+    cost[MEM_WEIGHTS]        # 500 rows x 16 columns x 4 bytes = 32000.0
+    ranks = estimate_plan(plan, tables, topo, work)      # [RankCost] for any ShardingPlan
+
+What is counted is what ``sharding.runtime`` and ``sharding.optim`` do on a rank, per step:
+
+- memory: fp32 weights; optimizer state per ``sharding.optim.state_names`` (adagrad: like the weights,
+  rowwise_adagrad: one fp32 per row, adam: two like the weights and a scalar, sgd: none); the lookup's
+  temporaries (sparse gradient rows with int64 indices, copies of touched rows in the optimizer); the
+  all-to-all buffers (ids and lengths in, pooled rows out, their gradients in; an all-reduce buffer of
+  rows x (width + 1) for a replicated table); the configured reserve for the dense model.
+- time: lookup forward (read each looked-up row, write each pooled bag) and backward (read the pooled
+  gradient, write a sparse gradient row per id, read and write each touched row and its state), at
+  ``hbm_bw x lookup_efficiency``; each all-to-all takes max(bytes the rank sends, bytes it receives)
+  x the share that leaves the rank, at the intra- or inter-node link rate, whichever is slower;
+  replicated tables and the dense model all-reduce their gradients (ring: 2 (W-1)/W of the bytes).
+
+Ids are assumed spread evenly over a table's rows (``distrec data synth`` scatters popular ids over
+the id space, and hashed ids are), so a row-wise shard of r rows out of R serves r/R of the ids.
+A piece's cost is a tuple indexed by the ``MEM_*``, ``T_*`` and ``X_*`` constants below: the
+partitioner adds and subtracts thousands of them.
+"""
+from __future__ import annotations
+
+from sharding.optim import state_names
+from sharding.planner.types import (DenseCost, MemoryCost, Piece, RankCost, ShardOption, TimeCost, Topology,
+                                    Workload)
+from sharding.types import ShardingPlan, ShardingType, TableConfig
+
+FP32_BYTES = 4  # weights, optimizer state, pooled rows and their gradients are fp32 in the runtime
+ID_BYTES = 8  # ids and bag lengths travel as int64 (sharding/runtime.py, start_input_dist)
+SPARSE_GRAD_INDEX_BYTES = 8  # int64 row index per id of a sparse COO gradient (embedding_bag sparse=True)
+# Copies of each touched row the fused optimizer makes: coalesced gradient, gathered state, update
+# (sharding/optim.py, _touched_rows and _adagrad): workspace only, they do not outlive the step.
+TOUCHED_ROW_COPIES = 3
+# Routing a rank's own ids: ~8 passes over int64 ids, each read and written (searchsorted, argsort,
+# bincount, gathers in sharding/runtime.py _bucketize).
+ROUTE_BYTES_PER_ID = 8 * 2 * ID_BYTES
+# Collectives per step of the sharded runtime: forward counts, ids, pooled rows; backward gradients.
+FWD_COLLECTIVES, BWD_COLLECTIVES = 3, 1
+# fp32 tensors the dense optimizer reads and writes per parameter and step: weight, gradient, state.
+DENSE_UPDATE_TENSORS = 2
+
+# Indices into a piece's cost tuple: memory bytes, lookup seconds, all-to-all bytes at the owner
+# (ids in, pooled rows out, pooled gradients in), all-reduce seconds.
+MEM_WEIGHTS, MEM_OPTIMIZER, MEM_WORKSPACE, MEM_BUFFERS, T_FWD, T_BWD, X_IDS, X_OUT, X_GRAD, T_ALLREDUCE = range(10)
+COST_FIELDS = 10
+
+ROW_SPLIT = (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE)
+
+
+def state_bytes_per_row(optimizer: str, width: int) -> int:
+    """Bytes of optimizer state per row of a shard ``width`` columns wide (scalars left out)."""
+    per_rule = {"row_col": width * FP32_BYTES, "row": FP32_BYTES, "scalar": 0}
+    return sum(per_rule[rule] for rule in state_names(optimizer).values())
+
+
+def optimizer_bytes(optimizer: str, rows: int, width: int) -> int:
+    scalars = sum(1 for rule in state_names(optimizer).values() if rule == "scalar")
+    return rows * state_bytes_per_row(optimizer, width) + scalars * FP32_BYTES
+
+
+def ids_and_bags(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, world: int) -> tuple[float, float]:
+    """Ids a shard looks up per step and bags it pools: every sample of every rank, except a replica
+    (its own rank's samples) and a row shard (its rows' share of the ids)."""
+    batch = work.batch_per_rank if kind is ShardingType.DATA_PARALLEL else work.batch_per_rank * world
+    ids = batch * work.pooling_factor(t.name)
+    if kind in ROW_SPLIT:
+        ids *= p.num_rows / t.num_rows
+    return ids, float(batch)
+
+
+def lookup_bytes(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, world: int) -> tuple[float, float]:
+    """(forward, backward) bytes a shard's lookup and fused update move per step."""
+    ids, bags = ids_and_bags(t, p, kind, work, world)
+    row = p.width * FP32_BYTES
+    touched = min(ids, p.num_rows)
+    forward = (ids + bags) * row
+    backward = bags * row + ids * (row + SPARSE_GRAD_INDEX_BYTES) \
+        + touched * 2 * (row + state_bytes_per_row(work.optimizer, p.width))
+    return forward, backward
+
+
+def piece_cost(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, topo: Topology) -> tuple:
+    """The cost tuple of one shard on its rank (see the ``MEM_*``, ``T_*``, ``X_*`` indices)."""
+    world = topo.world_size
+    ids, bags = ids_and_bags(t, p, kind, work, world)
+    row = p.width * FP32_BYTES
+    touched = min(ids, p.num_rows)
+    forward, backward = lookup_bytes(t, p, kind, work, world)
+    lookup_rate = topo.hbm_bw_bytes_per_s * topo.lookup_efficiency
+    workspace = ids * (row + SPARSE_GRAD_INDEX_BYTES) + touched * row * TOUCHED_ROW_COPIES
+    cost = [0.0] * COST_FIELDS
+    cost[MEM_WEIGHTS] = float(p.num_rows * row)
+    cost[MEM_OPTIMIZER] = float(optimizer_bytes(work.optimizer, p.num_rows, p.width))
+    cost[MEM_WORKSPACE] = workspace
+    cost[T_FWD], cost[T_BWD] = forward / lookup_rate, backward / lookup_rate
+    if kind is ShardingType.DATA_PARALLEL:
+        reduced = p.num_rows * (p.width + 1) * FP32_BYTES  # sync_replica_grads: rows x (width + touched flag)
+        cost[MEM_BUFFERS] = reduced + 2 * bags * row
+        cost[T_ALLREDUCE] = allreduce_seconds(reduced, topo, latency=False)  # one per width: RankModel
+    else:
+        cost[X_IDS] = (ids + bags) * ID_BYTES
+        cost[X_OUT] = cost[X_GRAD] = bags * row
+        cost[MEM_BUFFERS] = cost[X_IDS] + cost[X_OUT] + cost[X_GRAD]
+    return tuple(cost)
+
+
+def alltoall_seconds_per_byte(topo: Topology) -> float:
+    """Seconds per byte a rank sends (or receives) in an all-to-all with every rank alike: 1/W of it
+    stays on the rank, (G-1)/W goes over the node's links, (W-G)/W over the network; both at once."""
+    w, g = topo.world_size, topo.ranks_per_node
+    intra = (g - 1) / w / topo.intra_node_bw_bytes_per_s
+    inter = (w - g) / w / topo.inter_node_bw_bytes_per_s
+    return max(intra, inter) / topo.comm_efficiency
+
+
+def allreduce_seconds(nbytes: float, topo: Topology, latency: bool = True) -> float:
+    """Ring all-reduce: each rank sends and receives 2 (W-1)/W of the bytes over the slowest link."""
+    w = topo.world_size
+    if w == 1:
+        return 0.0
+    link = topo.inter_node_bw_bytes_per_s if topo.nodes > 1 else topo.intra_node_bw_bytes_per_s
+    return 2 * (w - 1) / w * nbytes / (link * topo.comm_efficiency) + (topo.collective_latency_s if latency else 0)
+
+
+def requester_bytes(t: TableConfig, option: ShardOption, work: Workload) -> tuple[float, float, float]:
+    """What every rank sends and receives for its own samples of a table: (ids and lengths out, pooled
+    rows in, pooled gradients out), the other side of the owners' X_* bytes."""
+    if option.kind is ShardingType.DATA_PARALLEL:
+        return 0.0, 0.0, 0.0
+    b, pf, n = work.batch_per_rank, work.pooling_factor(t.name), len(option.pieces)
+    copies = 1 if option.kind in ROW_SPLIT or n == 1 else n  # a column shard gets the whole bag
+    ids = b * (pf * copies + n) * ID_BYTES
+    pooled = b * sum(p.width for p in option.pieces) * FP32_BYTES
+    return ids, pooled, pooled
+
+
+def dense_seconds(dense: DenseCost | None, work: Workload, topo: Topology) -> float:
+    """MLP forward + backward (2x forward) FLOPs, the optimizer's pass over the weights, DDP's all-reduce."""
+    if dense is None:
+        return 0.0
+    compute = 3 * dense.flops_per_sample * work.batch_per_rank / (topo.dense_flops_per_s * topo.dense_efficiency)
+    update = dense.params * FP32_BYTES * 2 * (DENSE_UPDATE_TENSORS + dense.optimizer_state_per_param)
+    update /= topo.hbm_bw_bytes_per_s * topo.lookup_efficiency
+    return compute + update + allreduce_seconds(dense.params * FP32_BYTES, topo)
+
+
+class RankModel:
+    """Turns per-rank sums of piece costs into a rank's time and memory, given what is the same on
+    every rank (requester-side all-to-all bytes, routing, the dense model, reserve, fixed overheads)."""
+
+    def __init__(self, topo: Topology, work: Workload, requester: tuple[float, float, float],
+                 ids_per_rank: float, replica_widths: int, sharded: bool):
+        self.topo, self.work, self.requester = topo, work, requester
+        self.s_per_byte = alltoall_seconds_per_byte(topo)
+        lookup_rate = topo.hbm_bw_bytes_per_s * topo.lookup_efficiency
+        latency = topo.collective_latency_s if sharded and topo.world_size > 1 else 0.0
+        self.fwd_latency, self.bwd_latency = FWD_COLLECTIVES * latency, BWD_COLLECTIVES * latency
+        # One all-reduce per group of replicas of one width (sync_replica_grads): their latencies.
+        self.replica_latency = replica_widths * topo.collective_latency_s if topo.world_size > 1 else 0.0
+        self.dense = dense_seconds(work.dense, work, topo)
+        self.other = ids_per_rank * ROUTE_BYTES_PER_ID / lookup_rate + topo.step_overhead_s
+        # Own samples' ids and lengths out (twice: routed copy), pooled rows in and their gradients.
+        self.uniform_buffers = 2 * requester[0] + requester[1] + requester[2]
+
+    def time(self, v) -> TimeCost:
+        s, (ids, out, grad) = self.s_per_byte, self.requester
+        return TimeCost(lookup_fwd=v[T_FWD], lookup_bwd=v[T_BWD],
+                        comm_fwd=(max(v[X_IDS], ids) + max(v[X_OUT], out)) * s + self.fwd_latency,
+                        comm_bwd=max(v[X_GRAD], grad) * s + self.bwd_latency,
+                        allreduce=v[T_ALLREDUCE] + self.replica_latency, dense=self.dense, other=self.other)
+
+    def total_s(self, v) -> float:
+        """``time(v).total`` without building the dataclass."""
+        return self.times([v[T_FWD] + v[T_BWD] + v[T_ALLREDUCE]], [v[X_IDS]], [v[X_OUT]], [v[X_GRAD]])[0]
+
+    def times(self, base: list[float], ids: list[float], out: list[float], grad: list[float]) -> list[float]:
+        """Total seconds of every rank from per-rank columns: lookup + all-reduce seconds (``base``) and
+        the owner-side bytes of the three all-to-alls (the partitioner's inner loop)."""
+        s, (ri, ro, rg) = self.s_per_byte, self.requester
+        c = self.fwd_latency + self.bwd_latency + self.replica_latency + self.dense + self.other
+        # conditional expressions, not max(): this runs millions of times on large plans
+        return [b + ((i if i > ri else ri) + (o if o > ro else ro) + (g if g > rg else rg)) * s + c
+                for b, i, o, g in zip(base, ids, out, grad)]
+
+    def memory(self, v) -> MemoryCost:
+        return MemoryCost(weights=v[MEM_WEIGHTS], optimizer=v[MEM_OPTIMIZER], workspace=v[MEM_WORKSPACE],
+                          buffers=v[MEM_BUFFERS] + self.uniform_buffers, reserve=self.work.reserve_bytes)
+
+    def free_bytes(self) -> float:
+        """Memory of an empty rank left for shards."""
+        return self.topo.hbm_bytes - self.uniform_buffers - self.work.reserve_bytes
+
+
+def rank_model(chosen: list[tuple[TableConfig, ShardOption]], topo: Topology, work: Workload) -> RankModel:
+    """The per-rank constants of a set of choices (one option per table)."""
+    requester = [0.0, 0.0, 0.0]
+    ids, widths, sharded = 0.0, set(), False
+    for t, option in chosen:
+        for i, x in enumerate(requester_bytes(t, option, work)):
+            requester[i] += x
+        if option.kind is ShardingType.DATA_PARALLEL:
+            widths.add(t.dim)
+        else:
+            ids += work.batch_per_rank * work.pooling_factor(t.name)
+            sharded = True
+    return RankModel(topo, work, tuple(requester), ids, len(widths), sharded)
+
+
+def option_of(t: TableConfig, tp) -> tuple[ShardOption, list[int]]:
+    """A TablePlan as an option and the rank of each of its pieces."""
+    kind = ShardingType(tp.sharding_type)
+    pieces = tuple(Piece(s.row_start, s.row_end, s.col_start, s.col_end) for s in tp.shards)
+    ranks = [s.rank for s in tp.shards]
+    return ShardOption(t.name, kind, pieces, tuple(ranks)), ranks
+
+
+def estimate_plan(plan: ShardingPlan, tables: list[TableConfig], topo: Topology, work: Workload) -> list[RankCost]:
+    """Per-rank memory and time of any plan (built by the planner, ``simple_plan`` or by hand)."""
+    sums = [[0.0] * COST_FIELDS for _ in range(topo.world_size)]
+    chosen = []
+    for t in tables:
+        option, ranks = option_of(t, plan.tables[t.name])
+        chosen.append((t, option))
+        cache: dict[tuple[int, int], tuple] = {}  # row shards and replicas repeat one shape
+        for piece, rank in zip(option.pieces, ranks):
+            key = (piece.num_rows, piece.width)
+            if key not in cache:
+                cache[key] = piece_cost(t, piece, option.kind, work, topo)
+            add_cost(sums[rank], cache[key])
+    model = rank_model(chosen, topo, work)
+    return [RankCost(r, model.memory(v), model.time(v)) for r, v in enumerate(sums)]
+
+
+def add_cost(acc: list[float], cost: tuple, sign: float = 1.0) -> None:
+    for i, x in enumerate(cost):
+        acc[i] += sign * x

@@ -1,0 +1,429 @@
+"""Placement search: one option per table and a rank per shard, so that the slowest rank's estimated
+step time is as low as the search finds, within every rank's memory.
+
+    search = Search(tables, options, topo, work)       # options: enumerate_options per table
+    search.run()
+    search.choice[i], search.ranks[i]                   # table i's option index and its shards' ranks
+
+Greedy, no exhaustive search (thousands of tables, hundreds of ranks):
+
+1. each table takes its option with the least total work (sum over its shards of lookup and
+   all-to-all seconds) among those whose largest shard fits a share of an empty rank's memory;
+2. a table with a shard slower than the mean rank's share of all work is split (the least-work option
+   whose shards are not);
+3. row-wise and replicated shards sit where they must; the others go largest first (by time or
+   memory, whichever is the larger share of a rank) onto the least-loaded rank with room;
+4. local search on the slowest rank: move one of its shards to the rank where it ends fastest, or
+   give one of its tables another option (split further, replicate), while that lowers the slowest
+   rank's time; then move shards off the fullest rank where no rank gets slower than the slowest;
+5. every table tries every other option in place; those results explain the plan.
+
+If shards do not pack into memory, steps 1-3 run again with smaller shards (a smaller share of a
+rank per shard), down to 1/W. Per rank the search keeps five columns: lookup and all-reduce seconds,
+the three all-to-alls' owner-side bytes, and memory (``estimate.RankModel.times`` turns them into time).
+"""
+from __future__ import annotations
+
+import operator
+from collections import Counter
+
+from sharding.planner.estimate import (MEM_BUFFERS, MEM_OPTIMIZER, MEM_WEIGHTS, MEM_WORKSPACE, T_ALLREDUCE,
+                                       T_BWD, T_FWD, X_GRAD, X_IDS, X_OUT, RankModel, alltoall_seconds_per_byte,
+                                       piece_cost, requester_bytes)
+from sharding.planner.types import ShardOption, Topology, Workload, human_bytes
+from sharding.types import ShardingType, TableConfig
+
+# A shard slower than this fraction of the mean rank's work is split before placement: one piece
+# larger than the mean would make its rank the slowest whatever else goes where.
+SPLIT_FRACTION = 1.0
+# Largest shard, as a share of an empty rank's free memory, tried in turn until the shards pack.
+PIECE_MEMORY_SHARES = (1.0, 0.5, 0.25, 0.125, 0.0625)
+LOCAL_SEARCH_CANDIDATES = 4  # the slowest rank's largest shards tried per local-search step
+MAX_LOCAL_STEPS_PER_TABLE = 4
+MAX_FINAL_PASSES = 3  # passes over all tables trying every other option (they also explain the plan)
+EPS_S = 1e-12
+FREE = (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE)  # shards the search may put on any rank
+BASE, IDS, OUT, GRAD, MEM = range(5)  # a shard's hot cost and the per-rank columns
+
+
+class Aggregate:
+    """What every rank pays for the current choices (requester-side bytes, routing, replica widths),
+    kept up to date as options change, so the rank model costs O(1) to rebuild."""
+
+    def __init__(self, topo: Topology, work: Workload):
+        self.topo, self.work = topo, work
+        self.requester = [0.0, 0.0, 0.0]
+        self.ids, self.sharded, self.widths = 0.0, 0, Counter()
+        self._bytes: dict[int, tuple[float, float, float]] = {}  # requester bytes by id(option)
+
+    def add(self, t: TableConfig, option: ShardOption, sign: int = 1) -> None:
+        key = id(option)  # options live as long as the search
+        if key not in self._bytes:
+            self._bytes[key] = requester_bytes(t, option, self.work)
+        for i, x in enumerate(self._bytes[key]):
+            self.requester[i] += sign * x
+        if option.kind is ShardingType.DATA_PARALLEL:
+            self.widths[t.dim] += sign
+        else:
+            self.ids += sign * self.work.batch_per_rank * self.work.pooling_factor(t.name)
+            self.sharded += sign
+
+    def model(self) -> RankModel:
+        widths = sum(1 for n in self.widths.values() if n > 0)
+        return RankModel(self.topo, self.work, tuple(self.requester), self.ids, widths, self.sharded > 0)
+
+
+def hot(c: tuple) -> tuple[float, float, float, float, float]:
+    """The five numbers of a piece cost the search needs (see BASE..MEM)."""
+    return (c[T_FWD] + c[T_BWD] + c[T_ALLREDUCE], c[X_IDS], c[X_OUT], c[X_GRAD],
+            c[MEM_WEIGHTS] + c[MEM_OPTIMIZER] + c[MEM_WORKSPACE] + c[MEM_BUFFERS])
+
+
+class Search:
+    def __init__(self, tables: list[TableConfig], options: list[list[ShardOption]], topo: Topology,
+                 work: Workload):
+        self.tables, self.options, self.topo, self.work = tables, options, topo, work
+        self.s_per_byte = alltoall_seconds_per_byte(topo)
+        self.costs = [[self._option_costs(t, o) for o in opts] for t, opts in zip(tables, options)]
+        self.work_s = [[sum(self.piece_s(c) for c in cs) for cs in per] for per in self.costs]
+        self._deltas: dict[tuple[int, int], list[list[float]]] = {}  # (table, option) -> per-rank columns
+        self.reset()
+
+    def reset(self) -> None:
+        n, w = len(self.tables), self.topo.world_size
+        self.choice = [min(range(len(o)), key=lambda oi, i=i: self.work_s[i][oi]) for i, o in enumerate(self.options)]
+        self.ranks: list[list[int] | None] = [None] * n
+        self.reason = [""] * n
+        self.too_big: set[int] = set()  # tables no option of which fits an empty rank
+        self.unplaced: list[int] = []
+        self.cols = [[0.0] * w for _ in range(5)]
+        self.on_rank: list[set[tuple[int, int]]] = [set() for _ in range(w)]
+        self.agg = Aggregate(self.topo, self.work)
+        for t, opts, oi in zip(self.tables, self.options, self.choice):
+            self.agg.add(t, opts[oi])
+        self.model: RankModel = self.agg.model()
+        self.alternatives: list[list[tuple[int, float | None]]] = []
+
+    # ---- costs ------------------------------------------------------------------------------------
+    def _option_costs(self, t: TableConfig, option: ShardOption) -> list[tuple]:
+        cache: dict[tuple[int, int], tuple] = {}  # row shards and replicas repeat one shape
+        out = []
+        for p in option.pieces:
+            key = (p.num_rows, p.width)
+            if key not in cache:
+                cache[key] = hot(piece_cost(t, p, option.kind, self.work, self.topo))
+            out.append(cache[key])
+        return out
+
+    def piece_s(self, h: tuple) -> float:
+        return h[BASE] + (h[IDS] + h[OUT] + h[GRAD]) * self.s_per_byte
+
+    def max_piece_mem(self, ti: int, oi: int) -> float:
+        return max(h[MEM] for h in self.costs[ti][oi])
+
+    def max_piece_s(self, ti: int, oi: int) -> float:
+        return max(self.piece_s(h) for h in self.costs[ti][oi])
+
+    def free_bytes(self, rank: int) -> float:
+        return self.model.free_bytes() - self.cols[MEM][rank]
+
+    def times(self) -> list[float]:
+        return self.model.times(self.cols[BASE], self.cols[IDS], self.cols[OUT], self.cols[GRAD])
+
+    def overfull(self) -> list[int]:
+        return [r for r in range(self.topo.world_size) if self.free_bytes(r) < 0]
+
+    def feasible(self) -> bool:
+        return not (self.too_big or self.unplaced or self.overfull())
+
+    # ---- the stages -------------------------------------------------------------------------------
+    def run(self) -> None:
+        for share in PIECE_MEMORY_SHARES:
+            self.reset()
+            self._choose(share)
+            self._split_large()
+            self._place_all()
+            if self.feasible() or self.too_big:
+                break
+        if self.feasible():
+            self._local_search()
+            self._spread_memory()
+            self.alternatives = self._final_passes()
+
+    def _spread_memory(self) -> None:
+        """Move shards off the rank with the most memory onto ranks with less, where that keeps every
+        rank below the slowest rank's time: the step time stays, memory headroom grows."""
+        for _ in range(MAX_LOCAL_STEPS_PER_TABLE * len(self.tables)):
+            mem, worst = self.cols[MEM], max(self.times())
+            m = max(range(len(mem)), key=mem.__getitem__)
+            pieces = sorted(self.on_rank[m], key=lambda x: -self.costs[x[0]][self.choice[x[0]]][x[1]][MEM])
+            if not any(self._move_for_memory(ti, pi, m, worst) for ti, pi in pieces[:LOCAL_SEARCH_CANDIDATES]):
+                break
+
+    def _final_passes(self) -> list[list[tuple[int, float | None]]]:
+        """Try every other option of every table in place (the rest where it is); take one that lowers
+        the slowest rank. Returns each table's alternatives as (option, slowest rank's seconds or None
+        when it does not fit) from a pass that changed nothing, so they explain the final plan."""
+        for n in range(MAX_FINAL_PASSES + 1):
+            changed, out = False, []
+            for ti in range(len(self.tables)):
+                alts = [(oi, self.trial(ti, oi)) for oi in range(len(self.options[ti])) if oi != self.choice[ti]]
+                worst = max(self.times())
+                better = [(after, oi) for oi, after in alts if after is not None and after < worst - EPS_S]
+                if better and n < MAX_FINAL_PASSES:
+                    keep = self.options[ti][self.choice[ti]].label
+                    self._take(ti, min(better)[1])
+                    self.reason[ti] = f"balance: {keep} left the slowest rank at {worst * 1e3:.2f} ms"
+                    changed = True
+                    alts = [(oi, self.trial(ti, oi)) for oi in range(len(self.options[ti])) if oi != self.choice[ti]]
+                out.append(alts)
+            if not changed:
+                return out
+        return out
+
+    def _choose(self, share: float) -> None:
+        empty = self.model.free_bytes()
+        for ti in range(len(self.tables)):
+            cheapest, n = self.choice[ti], len(self.options[ti])
+            fits = [oi for oi in range(n) if self.max_piece_mem(ti, oi) <= empty]
+            if not fits:
+                self.too_big.add(ti)
+                continue
+            small = [oi for oi in fits if self.max_piece_mem(ti, oi) <= share * empty]
+            best = min(small, key=lambda oi: self.work_s[ti][oi]) if small else \
+                min(fits, key=lambda oi: self.max_piece_mem(ti, oi))
+            self.reason[ti] = self._memory_reason(ti, cheapest, empty) if best != cheapest else self._cost_reason(ti, best)
+            self._switch(ti, best)
+        self.model = self.agg.model()
+
+    def _memory_reason(self, ti: int, cheapest: int, empty: float) -> str:
+        need, label = self.max_piece_mem(ti, cheapest), self.options[ti][cheapest].label
+        if need > empty:
+            return f"memory: {label} needs {human_bytes(need)} on one rank, {human_bytes(empty)} free"
+        return f"memory: {label}'s {human_bytes(need)} shards did not pack into the ranks with the rest"
+
+    def _cost_reason(self, ti: int, oi: int) -> str:
+        if self.options[ti][oi].kind is ShardingType.DATA_PARALLEL:
+            return "cost: small, replicated (no all-to-all)"
+        return "cost: least total work"
+
+    def _switch(self, ti: int, oi: int) -> None:
+        t = self.tables[ti]
+        self.agg.add(t, self.options[ti][self.choice[ti]], -1)
+        self.choice[ti] = oi
+        self.agg.add(t, self.options[ti][oi])
+
+    def _mean_work(self) -> float:
+        return sum(self.work_s[ti][self.choice[ti]] for ti in range(len(self.tables))) / self.topo.world_size
+
+    def _split_large(self) -> None:
+        empty = self.model.free_bytes()
+        for _ in range(3):  # splitting adds work, which moves the mean: settle in a few rounds
+            mean, changed = self._mean_work(), False
+            for ti in range(len(self.tables)):
+                if ti not in self.too_big and self.max_piece_s(ti, self.choice[ti]) > SPLIT_FRACTION * mean:
+                    changed |= self._split_below(ti, SPLIT_FRACTION * mean, empty)
+            if not changed:
+                break
+        self.model = self.agg.model()
+
+    def _split_below(self, ti: int, limit: float, empty: float) -> bool:
+        fits = [oi for oi in range(len(self.options[ti])) if self.max_piece_mem(ti, oi) <= empty]
+        small = [oi for oi in fits if self.max_piece_s(ti, oi) <= limit]
+        best = min(small, key=lambda oi: self.work_s[ti][oi]) if small else \
+            min(fits, key=lambda oi: self.max_piece_s(ti, oi))
+        if best == self.choice[ti]:
+            return False
+        old = self.options[ti][self.choice[ti]].label
+        self.reason[ti] = (f"balance: {old} would put {self.max_piece_s(ti, self.choice[ti]) * 1e3:.2f} ms on one "
+                           f"rank, the mean rank's work is {limit / SPLIT_FRACTION * 1e3:.2f} ms")
+        self._switch(ti, best)
+        return True
+
+    # ---- placement --------------------------------------------------------------------------------
+    def _movable(self, ti: int) -> bool:
+        return self.options[ti][self.choice[ti]].kind in FREE
+
+    def _fixed(self, ti: int) -> bool:
+        return self.options[ti][self.choice[ti]].kind in (ShardingType.ROW_WISE, ShardingType.DATA_PARALLEL)
+
+    def _place_all(self) -> None:
+        order = [ti for ti in range(len(self.tables)) if ti not in self.too_big]
+        for ti in (ti for ti in order if self._fixed(ti)):
+            self._add(ti, list(self.options[ti][self.choice[ti]].ranks))
+        rest = [ti for ti in order if not self._fixed(ti)]
+        per_rank_s, empty = max(self._mean_work(), EPS_S), max(self.model.free_bytes(), 1.0)
+        rest.sort(key=lambda ti: max(self.max_piece_s(ti, self.choice[ti]) / per_rank_s,
+                                     self.max_piece_mem(ti, self.choice[ti]) / empty), reverse=True)
+        for ti in rest:
+            ranks = self._fit(ti)
+            if ranks is None:
+                ranks = self._fit_other(ti)
+            if ranks is None:
+                self.unplaced.append(ti)
+            else:
+                self._add(ti, ranks)
+
+    def _fit(self, ti: int) -> list[int] | None:
+        """Ranks for the chosen option's shards with the current loads, or None when they do not fit."""
+        kind = self.options[ti][self.choice[ti]].kind
+        if kind is ShardingType.TABLE_ROW_WISE:
+            return self._fit_node(ti)
+        if kind not in FREE:
+            return self._fit_fixed(ti)
+        option, times, free, mem = self.options[ti][self.choice[ti]], self.times(), self.model.free_bytes(), self.cols[MEM]
+        costs = self.costs[ti][self.choice[ti]]
+        if len(costs) == 1:  # most tables: the least loaded rank, if it has room
+            r = min(option.ranks, key=times.__getitem__)
+            if free - mem[r] >= costs[0][MEM]:
+                return [r]
+        order = sorted(option.ranks, key=times.__getitem__)  # stable: ties go to the lower rank
+        ranks: list[int] = []
+        for h in costs:
+            r = next((r for r in order if free - mem[r] >= h[MEM] and r not in ranks), None)
+            if r is None:
+                return None
+            ranks.append(r)
+        return ranks
+
+    def _fit_node(self, ti: int) -> list[int] | None:
+        option, g, times = self.options[ti][self.choice[ti]], self.topo.ranks_per_node, self.times()
+        best = None
+        for node in range(self.topo.nodes):
+            ranks = [r + node * g for r in option.ranks]
+            if all(self.free_bytes(r) >= h[MEM] for r, h in zip(ranks, self.costs[ti][self.choice[ti]])):
+                load = max(times[r] for r in ranks)
+                if best is None or load < best[0]:
+                    best = (load, ranks)
+        return best[1] if best else None
+
+    def _fit_fixed(self, ti: int) -> list[int] | None:
+        option, costs = self.options[ti][self.choice[ti]], self.costs[ti][self.choice[ti]]
+        return list(option.ranks) if all(self.free_bytes(r) >= h[MEM] for r, h in zip(option.ranks, costs)) else None
+
+    def _fit_other(self, ti: int) -> list[int] | None:
+        """The chosen option found no room: try the others, least work first."""
+        keep = self.choice[ti]
+        for oi in sorted(range(len(self.options[ti])), key=lambda oi: self.work_s[ti][oi]):
+            if oi != keep:
+                self._switch(ti, oi)
+                self.model = self.agg.model()
+                ranks = self._fit(ti)
+                if ranks is not None:
+                    self.reason[ti] = f"memory: {self.options[ti][keep].label} found no rank with room left"
+                    return ranks
+        self._switch(ti, keep)
+        self.model = self.agg.model()
+        return None
+
+    def _add(self, ti: int, ranks: list[int], sign: int = 1) -> None:
+        if self._fixed(ti) and len(ranks) == self.topo.world_size:
+            return self._add_everywhere(ti, sign)
+        movable, cols = self._movable(ti), self.cols
+        for pi, (r, h) in enumerate(zip(ranks, self.costs[ti][self.choice[ti]])):
+            for k in range(5):
+                cols[k][r] += sign * h[k]
+            if movable:
+                (self.on_rank[r].add if sign > 0 else self.on_rank[r].discard)((ti, pi))
+        self.ranks[ti] = ranks if sign > 0 else None
+
+    def _add_everywhere(self, ti: int, sign: int) -> None:
+        """A row-wise or replicated table with a shard on every rank: whole columns at once."""
+        key = (ti, self.choice[ti])
+        if key not in self._deltas:
+            ranks, costs = self.options[ti][self.choice[ti]].ranks, self.costs[ti][self.choice[ti]]
+            delta = [[0.0] * self.topo.world_size for _ in range(5)]
+            for r, h in zip(ranks, costs):
+                for k in range(5):
+                    delta[k][r] = h[k]
+            self._deltas[key] = delta
+        op = operator.add if sign > 0 else operator.sub
+        self.cols = [list(map(op, col, d)) for col, d in zip(self.cols, self._deltas[key])]
+        self.ranks[ti] = list(self.options[ti][self.choice[ti]].ranks) if sign > 0 else None
+
+    # ---- local search -----------------------------------------------------------------------------
+    def _local_search(self) -> None:
+        for _ in range(MAX_LOCAL_STEPS_PER_TABLE * len(self.tables) + self.topo.world_size):
+            if not self._improve_once():
+                break
+
+    def _improve_once(self) -> bool:
+        times = self.times()
+        b = max(range(len(times)), key=times.__getitem__)
+        pieces = sorted(self.on_rank[b], key=lambda x: -self.piece_s(self.costs[x[0]][self.choice[x[0]]][x[1]]))
+        pieces = pieces[:LOCAL_SEARCH_CANDIDATES]
+        if any(self._try_move(ti, pi, b, times) for ti, pi in pieces):
+            return True
+        return any(self._try_other(ti, times[b]) for ti in dict.fromkeys(ti for ti, _ in pieces))
+
+    def _try_move(self, ti: int, pi: int, b: int, times: list[float]) -> bool:
+        """Move the shard to the rank where it ends fastest, if that is below the slowest rank now."""
+        h, held = self.costs[ti][self.choice[ti]][pi], set(self.ranks[ti])
+        free, cols = self.model.free_bytes(), self.cols
+        best, best_s = None, times[b] - EPS_S
+        for r in self.options[ti][self.choice[ti]].ranks:
+            if r in held or free - cols[MEM][r] < h[MEM]:
+                continue
+            s = self.model.times([cols[BASE][r] + h[BASE]], [cols[IDS][r] + h[IDS]], [cols[OUT][r] + h[OUT]],
+                                 [cols[GRAD][r] + h[GRAD]])[0]
+            if s < best_s:
+                best, best_s = r, s
+        if best is None:
+            return False
+        self._move(ti, pi, b, best)
+        return True
+
+    def _move_for_memory(self, ti: int, pi: int, m: int, worst: float) -> bool:
+        h, held, cols = self.costs[ti][self.choice[ti]][pi], set(self.ranks[ti]), self.cols
+        best = None
+        for r in self.options[ti][self.choice[ti]].ranks:
+            if r in held or cols[MEM][r] + h[MEM] >= cols[MEM][m] or (best is not None and cols[MEM][r] >= cols[MEM][best]):
+                continue
+            s = self.model.times([cols[BASE][r] + h[BASE]], [cols[IDS][r] + h[IDS]], [cols[OUT][r] + h[OUT]],
+                                 [cols[GRAD][r] + h[GRAD]])[0]
+            if s < worst - EPS_S:
+                best = r
+        if best is None:
+            return False
+        self._move(ti, pi, m, best)
+        return True
+
+    def _move(self, ti: int, pi: int, src: int, dst: int) -> None:
+        h, cols = self.costs[ti][self.choice[ti]][pi], self.cols
+        for k in range(5):
+            cols[k][src] -= h[k]
+            cols[k][dst] += h[k]
+        self.on_rank[src].discard((ti, pi))
+        self.on_rank[dst].add((ti, pi))
+        self.ranks[ti][pi] = dst
+
+    def _try_other(self, ti: int, worst: float) -> bool:
+        """Give the table another option (split further, replicate, ...) if the slowest rank gains."""
+        keep = self.choice[ti]
+        for oi in sorted(range(len(self.options[ti])), key=lambda oi: self.work_s[ti][oi]):
+            after = self.trial(ti, oi) if oi != keep else None
+            if after is not None and after < worst - EPS_S:
+                self._take(ti, oi)
+                self.reason[ti] = (f"balance: {self.options[ti][keep].label} left its rank the slowest at "
+                                   f"{worst * 1e3:.2f} ms")
+                return True
+        return False
+
+    def trial(self, ti: int, oi: int) -> float | None:
+        """The slowest rank's time if table ``ti`` took option ``oi`` (placed greedily); None: no room."""
+        keep, keep_ranks = self.choice[ti], self.ranks[ti]
+        ranks = self._take(ti, oi)
+        after = max(self.times()) if ranks is not None else None
+        self._take(ti, keep, keep_ranks)
+        return after
+
+    def _take(self, ti: int, oi: int, ranks: list[int] | None = None) -> list[int] | None:
+        """Replace table ``ti``'s shards by option ``oi``'s on ``ranks`` (default: placed greedily)."""
+        if self.ranks[ti] is not None:
+            self._add(ti, self.ranks[ti], -1)
+        self._switch(ti, oi)
+        self.model = self.agg.model()
+        ranks = ranks if ranks is not None else self._fit(ti)
+        if ranks is not None:
+            self._add(ti, ranks)
+        return ranks

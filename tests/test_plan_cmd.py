@@ -1,0 +1,85 @@
+"""``distrec plan`` end to end: the printed plan, the one-line error when nothing fits, --what-if, and a
+planned JSON that the trainer runs on 2 gloo ranks (with its measured-vs-estimated log). The command
+runs in-process (``distrec.cli.main``, the same parser and error handling as the console script)
+except for training, which needs torchrun."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from distrec.config import load_config, table_specs
+from sharding.plan import load_plan
+from sharding.types import ShardingType, TableConfig
+from distrec.cli import main
+from tests.conftest import REPO, run_cli
+
+TERABYTE = ["plan", "--config", str(REPO / "configs/criteo_terabyte.toml"), "--calibration", "none"]
+
+
+class Result:
+    def __init__(self, returncode: int, captured):
+        self.returncode, self.stdout, self.stderr = returncode, captured.out, captured.err
+
+
+def plan_cli(capsys, *args: str) -> Result:
+    code = main(list(args))
+    return Result(code, capsys.readouterr())
+
+
+def test_prints_a_row_per_table_and_rank_and_writes_the_plan(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    r = plan_cli(capsys, *TERABYTE, "--gpus", "8", "--hbm-gb", "16", "--optimizer.sparse=rowwise_adagrad", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    specs = table_specs(load_config(str(REPO / "configs/criteo_terabyte.toml")))
+    for s in specs:
+        row = next(line for line in lines if line.startswith(f"{s.name} "))
+        assert f"{s.num_rows:,}" in row and ("cost:" in row or "memory:" in row or "balance:" in row)
+    assert [line.split()[0] for line in lines if re.match(r"^\d+\s+\d+\.\d+ / 16\.00 GB", line)] == \
+        [str(r) for r in range(8)]
+    assert re.search(r"imbalance: slowest rank \d is \d+\.\d % above the mean", r.stdout)
+    assert re.search(r"estimated step time: [\d.]+ ms -> [\d,]+ samples/s", r.stdout)
+    tables = [TableConfig(s.name, s.num_rows, s.dim, s.pooling) for s in specs]
+    plan = load_plan(out, tables, world_size=8)
+    assert plan.tables["C20"].sharding_type in (ShardingType.ROW_WISE, ShardingType.COLUMN_WISE)
+
+
+def test_a_plan_that_does_not_fit_is_one_error_line(capsys):
+    r = plan_cli(capsys, *TERABYTE, "--gpus", "8", "--hbm-gb", "16")  # full Adagrad: 182 GB of tables and state
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    line = r.stderr.strip()
+    assert line.startswith("distrec: error: no plan fits 8 ranks with 16.0 GB each: tables C1 (45,833,188 rows")
+    assert "C20" in line and re.search(r"\d+\.\d\d GB more than each rank has", line)
+    assert re.search(r"smallest change that fits: \d+ ranks \(--gpus \d+\) or \d+ GB per rank \(--hbm-gb \d+\)", line)
+
+
+def test_what_if_side_by_side(capsys):
+    r = plan_cli(capsys, *TERABYTE, "--gpus", "8", "--optimizer.sparse=rowwise_adagrad", "--what-if", "gpus=4,8,16")
+    assert r.returncode == 0, r.stderr
+    header, *rows = r.stdout.splitlines()
+    assert header.split() == ["gpus=4", "gpus=8", "gpus=16"]
+    batch = next(row for row in rows if row.startswith("batch per rank"))
+    assert batch.split()[-3:] == ["16,384", "8,192", "4,096"]  # the global batch of 65,536 split
+    assert next(row for row in rows if row.startswith("fits")).split()[1:] == ["yes"] * 3
+
+
+def test_planned_json_trains_on_two_ranks(small_data, tmp_path, capsys):
+    cfg_path, data = small_data
+    plan = tmp_path / "plan.json"
+    r = plan_cli(capsys, "plan", "--config", str(cfg_path), "--gpus", "2", "--preset", "cpu",
+                "--calibration", "none", "--measure-pooling", f"--data.path={data}", "--json", str(plan))
+    assert r.returncode == 0, r.stderr
+    c2 = next(line for line in r.stdout.splitlines() if line.startswith("c2 "))
+    assert float(c2.split()[3]) == pytest.approx(2.0, abs=0.05)  # measured: 1..3 ids per sample, mean 2
+    r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distrec.train",
+                "--config", str(cfg_path), f"--data.path={data}", "--plan", str(plan), "--train.max_steps=3",
+                "--eval.max_rows=500", "--planner.calibration=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    checks = re.findall(r"plan check rank (\d): shards \+ optimizer state estimated ([\d.]+) MB, measured ([\d.]+) MB",
+                        r.stdout)
+    assert [c[0] for c in checks] == ["0", "1"]
+    for _, estimated, measured in checks:
+        assert float(estimated) == pytest.approx(float(measured), rel=0.10)
+    assert re.search(r"plan check: step time estimated [\d.]+ ms \(cpu, uncalibrated", r.stdout)
+    assert r.stdout.strip().splitlines()[-1].startswith("final: step 3 | auc")

@@ -92,7 +92,8 @@ class TorchLookup(nn.Module):
             return torch.zeros(total, 0, device=values.device)
         lengths, values, weights = table_major(lengths, values, weights, batch_sizes, n)
         if len(self.widths) == 1:  # one width: all bags in one call, then [shard, sample] -> [sample, shard]
-            ids = values + torch.repeat_interleave(torch.tensor(self.row_offset, device=values.device).repeat_interleave(total), lengths)
+            shard_start = torch.tensor(self.row_offset, device=values.device).repeat_interleave(total)
+            ids = values + torch.repeat_interleave(shard_start, lengths)
             out = F.embedding_bag(ids, self.weights[0], torch.cumsum(lengths, 0) - lengths, mode="sum",
                                   per_sample_weights=weights, sparse=True)
             return out.view(n, total, self.widths[0]).transpose(0, 1).reshape(total, n * self.widths[0])

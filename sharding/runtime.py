@@ -237,8 +237,8 @@ class ShardedEmbeddingCollection(nn.Module):
         per_key = torch.split(sparse.values, sparse.length_per_key())
         weights = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
         w = torch.cat([weights[i] for i in self.replicated]) if weights is not None else None
-        return self.replicas.pool(lengths[self.replicated].reshape(-1), torch.cat([per_key[i] for i in self.replicated]),
-                                  w, [batch])
+        ids = torch.cat([per_key[i] for i in self.replicated])
+        return self.replicas.pool(lengths[self.replicated].reshape(-1), ids, w, [batch])
 
     def _mean_divisor(self, sparse: JaggedBatch) -> torch.Tensor:
         lengths = sparse.lengths.view(len(self.tables), -1).t().clamp(min=1).to(torch.float32)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from distrec.bench.matrix import ENGINES, FULL, MODELS, QUICK, STRATEGIES, SweepOptions, sweep
 
-QUICK_DATA, FULL_DATA = (150_000, 10_000), (400_000, 20_000)
+QUICK_DATA, FULL_DATA = (150_000, 10_000), (200_000, 10_000)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", help=f"comma-separated: {','.join(ENGINES)}")
     p.add_argument("--steps", type=int, help="global batches per run (the sample budget: steps x batch)")
     p.add_argument("--timeout", type=float, default=0, help="seconds per run before it counts as failed")
+    p.add_argument("--max-minutes", type=float, default=0,
+                   help="start no run after this long; the report says how many were left out (repeats are "
+                        "interleaved, so every configuration's first repeat comes first)")
 
 
 def options(args: argparse.Namespace) -> SweepOptions:
@@ -74,7 +77,12 @@ def redraw(args: argparse.Namespace) -> int:
         raise ValueError("usage: distrec bench report RESULTS.json [--out DIR]")
     path = Path(args.what[1])
     out = Path(args.out) if args.out else path.parent
-    write_report(json.loads(path.read_text()), out)
+    doc = json.loads(path.read_text())
+    if "projection" not in doc and doc["runs"]:  # a sweep stopped before its end
+        from distrec.bench.project import projection
+
+        doc["projection"] = projection(doc)
+    write_report(doc, out)
     print(f"wrote {out / 'README.md'}")
     return 0
 
@@ -99,7 +107,10 @@ def run_sweep(args: argparse.Namespace, opts: SweepOptions) -> int:
     for model in opts.models:
         doc["data"][model] = data_entry(bench, model)
     specs = sweep(opts)
-    for spec in tqdm(specs, desc="distrec bench", unit="run", file=sys.stderr, dynamic_ncols=True):
+    for i, spec in enumerate(tqdm(specs, desc="distrec bench", unit="run", file=sys.stderr, dynamic_ncols=True)):
+        if args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes:
+            doc["not_run"] = [s.run_id for s in specs[i:]]
+            break
         doc["runs"].append(bench.run_one(spec))
         save(out, doc)  # after every run: an interrupted sweep keeps what it measured
     doc["projection"] = projection(doc)

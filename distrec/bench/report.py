@@ -42,7 +42,9 @@ def header(doc: dict) -> list[str]:
             f"ranks {', '.join(map(str, o['ranks']))}; strategies {', '.join(o['strategies'])}; engines "
             f"{', '.join(o['engines'])}; {o['repeats']} repeat(s); {o['steps']} global batches per run (the same "
             "sample budget for every engine at a batch size). Numbers are medians over repeats; run ids "
-            "(`model-engine-strategy-rRANKS-bBATCH-REPEAT`) refer to `runs` in [results.json](results.json).", ""]
+            "(`model-engine-strategy-rRANKS-bBATCH-REPEAT`) refer to `runs` in [results.json](results.json).",
+            *([f"\nThe time budget (`--max-minutes`) ended the sweep before {len(doc['not_run'])} planned runs "
+               "(later repeats): configurations show the repeats that ran."] if doc.get("not_run") else []), ""]
 
 
 def headline_section(groups: dict[str, Group]) -> list[str]:

@@ -54,6 +54,7 @@ def test_report_headline_is_traceable_and_plots_exist(tmp_path):
     assert "async PS (2 workers + 1 server) samples/s: 4.25**" in readme and "AUC +0.0500" in readme
     assert "strong-scaling efficiency, sync planner, 2 ranks vs 1: 0.81**" in readme  # 17000 / 10500 / 2
     assert "weak-scaling efficiency" in readme and "0.94**" in readme  # 17000 / 9000 / 2
+    assert "| demo | planner | 2 | 17,000 | 8,000 | 2.12 |" in readme  # the peer table, every matched config
     assert "Test CPU 9000, 2 cores" in readme and "torch 2.13.0" in readme
     assert "MODELLED" in readme and "| 64 | 8 |" in readme
     for name in ("throughput_vs_ranks", "step_breakdown", "auc_vs_samples", "estimate_vs_measured", "projection"):

@@ -56,7 +56,26 @@ def headline_section(groups: dict[str, Group]) -> list[str]:
         extra = f"; AUC {'+' if h['auc_delta'] >= 0 else ''}{h['auc_delta']:.4f} for sync" if "auc_delta" in h else ""
         lines.append(f"- **{h['name']}: {h['value']:.2f}** ({fmt(h['a_value'])} vs {fmt(h['b_value'])} samples/s"
                      f"{extra}; runs {cite(h['runs'])})")
-    return lines + [""]
+    return lines + ["", *peer_table(groups)]
+
+
+def peer_table(groups: dict[str, Group]) -> list[str]:
+    """distrec sync / TorchRec for every configuration both ran: one ratio can be noise on a shared machine."""
+    rows = []
+    for g in groups.values():
+        if g.spec["engine"] != "sync" or not g.ok:
+            continue
+        peer = groups.get(g.key.replace("-sync-", "-torchrec-", 1))
+        if peer and peer.ok:
+            a, b = g.median("samples_per_s"), peer.median("samples_per_s")
+            rows.append(f"| {g.spec['model']} | {g.spec['strategy']} | {g.spec['ranks']} | {fmt(a)} | {fmt(b)} | "
+                        f"{a / b:.2f} | {fmt(g.median('auc'), 4)} / {fmt(peer.median('auc'), 4)} | "
+                        f"{cite(g.ids + peer.ids)} |")
+    if not rows:
+        return []
+    return ["distrec sync vs TorchRec DMP, every configuration both ran (same model, data, plan, batch, steps):", "",
+            "| model | strategy | ranks | distrec samples/s | TorchRec samples/s | ratio | AUC distrec / TorchRec "
+            "| runs |", "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def machine_section(doc: dict) -> list[str]:
@@ -151,8 +170,10 @@ def method_section(doc: dict) -> list[str]:
             "failed run is recorded and the sweep goes on.",
             "- samples/s: global samples over training wall time (evaluation left out), data loading included; "
             "TorchRec peer: slowest rank's training seconds. PS: the coordinator's count of samples pushed.",
-            "- Breakdown (`--train.profile_steps`, sync engines): data wait (loader), input all-to-all (id "
-            "exchange incl. wait), lookup (local pooled lookup, forward), output all-to-all (forward), gradient "
+            "- Breakdown (`--train.profile_steps`, sync engines): data wait (loader), input all-to-all (routing "
+            "ids to their shards and the id exchange incl. its wait; at 1 rank only the routing), lookup (local "
+            "pooled lookup of sharded tables, forward; replicated tables' lookups are in dense forward/backward), "
+            "output all-to-all (forward), gradient "
             "all-reduce (DDP buckets call-to-completion, overlapping backward; plus data-parallel tables' "
             "all-reduce), optimizer (`step()` of dense and sparse optimizers; under Horovod it includes waiting "
             "for the gradient all-reduce), dense forward/backward = the rest of the step: MLPs, interaction, "

@@ -75,6 +75,10 @@ def max_ranks(groups: dict[str, Group], model: str, engine: str) -> int | None:
     return max(ranks) if ranks else None
 
 
+def plural(n: int | None, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def ratio_item(name: str, a: Group | None, b: Group | None, metric: str = "samples_per_s") -> dict | None:
     if a is None or b is None or not a.median(metric) or not b.median(metric):
         return None
@@ -97,7 +101,7 @@ def vs_torchrec(groups, model: str, batch: int) -> dict | None:
     for strategy in ("planner", "row_wise", "table_wise", "data_parallel"):
         n = max_ranks(groups, model, "torchrec")
         common = dict(model=model, strategy=strategy, ranks=n, global_batch=batch)
-        item = ratio_item(f"{model}: distrec sync / TorchRec DMP samples/s ({strategy}, {n} ranks)",
+        item = ratio_item(f"{model}: distrec sync / TorchRec DMP samples/s ({strategy}, {plural(n, 'rank')})",
                           find(groups, engine="sync", **common), find(groups, engine="torchrec", **common))
         if item:
             return item
@@ -107,8 +111,8 @@ def vs_torchrec(groups, model: str, batch: int) -> dict | None:
 def vs_ps(groups, model: str, batch: int) -> dict | None:
     n = max_ranks(groups, model, "ps")
     sync = find(groups, model=model, engine="sync", strategy="planner", ranks=n, global_batch=batch)
-    item = ratio_item(f"{model}: sync ({n} ranks, planner) / async PS ({n} workers + 1 server) samples/s", sync,
-                      find(groups, model=model, engine="ps", ranks=n, global_batch=batch))
+    name = f"{model}: sync ({plural(n, 'rank')}, planner) / async PS ({plural(n, 'worker')} + 1 server) samples/s"
+    item = ratio_item(name, sync, find(groups, model=model, engine="ps", ranks=n, global_batch=batch))
     if item:
         item["auc_delta"] = groups[item["a"]].median("auc") - groups[item["b"]].median("auc")
     return item

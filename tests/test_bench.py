@@ -116,3 +116,19 @@ def test_runner_one_real_run_and_a_failing_one(tmp_path, small_data):
     assert set(ok["breakdown_ms"]) >= {"lookup", "input_a2a", "optimizer", "dense_fwd_bwd"}
     bad = bench.run_one(RunSpec("small", "sync", "no_such_sharding", 1, 0, 256, 5))
     assert bad["status"] == "failed" and "no_such_sharding" in bad["error"]
+
+
+def test_profiling_changes_no_result(small_data, tmp_path):
+    """--train.profile_steps only times the phases: the same loss trajectory and AUC as without it."""
+    cfg, data = small_data
+    finals = []
+    for profile in (0, 5):
+        logs = tmp_path / f"p{profile}"
+        out = run_cli("-m", "distrec.train", "--config", str(cfg), f"--data.path={data}", "--train.max_steps=5",
+                      f"--train.profile_steps={profile}", f"--logging.dir={logs}")
+        assert out.returncode == 0, out.stderr
+        records = [json.loads(x) for x in (logs / "metrics.jsonl").read_text().splitlines()]
+        finals.append([(r["kind"], r.get("loss"), r.get("auc")) for r in records if r["kind"] in ("train", "eval")])
+        kinds = {r["kind"] for r in records}
+        assert ("breakdown" in kinds) == bool(profile)
+    assert finals[0] == finals[1]

@@ -78,10 +78,11 @@ def redraw(args: argparse.Namespace) -> int:
     path = Path(args.what[1])
     out = Path(args.out) if args.out else path.parent
     doc = json.loads(path.read_text())
-    if "projection" not in doc and doc["runs"]:  # a sweep stopped before its end
+    if "projection" not in doc and doc["runs"]:  # a sweep stopped before its end: complete results.json too
         from distrec.bench.project import projection
 
         doc["projection"] = projection(doc)
+        save(path.parent, doc)
     write_report(doc, out)
     print(f"wrote {out / 'README.md'}")
     return 0
@@ -118,7 +119,8 @@ def run_sweep(args: argparse.Namespace, opts: SweepOptions) -> int:
     save(out, doc)
     write_report(doc, out)
     failed = sum(r["status"] == "failed" for r in doc["runs"])
-    print(f"wrote {out / 'README.md'}, {out / 'results.json'}: {len(specs)} runs, {failed} failed, "
+    left = f", {len(doc['not_run'])} not started (--max-minutes)" if doc.get("not_run") else ""
+    print(f"wrote {out / 'README.md'}, {out / 'results.json'}: {len(doc['runs'])} runs, {failed} failed{left}, "
           f"{doc['total_s']:.0f} s")
     return 0
 

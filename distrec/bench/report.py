@@ -43,8 +43,17 @@ def header(doc: dict) -> list[str]:
             f"{', '.join(o['engines'])}; {o['repeats']} repeat(s); {o['steps']} global batches per run (the same "
             "sample budget for every engine at a batch size). Numbers are medians over repeats; run ids "
             "(`model-engine-strategy-rRANKS-bBATCH-REPEAT`) refer to `runs` in [results.json](results.json).",
-            *([f"\nThe time budget (`--max-minutes`) ended the sweep before {len(doc['not_run'])} planned runs "
-               "(later repeats): configurations show the repeats that ran."] if doc.get("not_run") else []), ""]
+            *not_run_note(doc), ""]
+
+
+def not_run_note(doc: dict) -> list[str]:
+    left = doc.get("not_run") or []
+    if not left:
+        return []
+    first = [r for r in left if r.endswith("-0")]
+    return [f"\nThe time budget (`--max-minutes`) ended the sweep before {len(left)} planned runs (`not_run` in "
+            f"results.json): {len(left) - len(first)} later repeats and {len(first)} configurations never run"
+            + (f" ({', '.join(first)})" if first else "") + "; the tables show the repeats that ran."]
 
 
 def headline_section(groups: dict[str, Group]) -> list[str]:
@@ -140,7 +149,9 @@ def projection_section(doc: dict) -> list[str]:
              f"planner's own plan for the `{p['model']}` model, {p['points'][0]['batch_per_rank']} rows per GPU. "
              f"Calibrated with this run: lookup efficiency x {min(cal['lookup_ratio'], 1):.3f} and all-to-all "
              f"efficiency x {min(cal['comm_ratio'], 1):.3f}, the median estimated/measured ratios (capped at 1) of "
-             f"the CPU runs {cite(cal['runs']) or '(none: preset numbers only)'}.", "",
+             f"the CPU runs {cite(cal['runs']) or '(none: preset numbers only)'}. Applying a CPU-over-loopback "
+             "ratio to NVLink and InfiniBand assumes distrec loses the same share of the link there as here: read "
+             "the calibrated column as a pessimistic bound and the preset column as the datasheet-based one.", "",
              "| GPUs | nodes | preset: ms/step | preset: samples/s | calibrated: ms/step | calibrated: samples/s |",
              "|---|---|---|---|---|---|"]
     for q in p["points"]:
@@ -181,4 +192,12 @@ def method_section(doc: dict) -> list[str]:
             "- Peak memory: `ru_maxrss` of each rank process (Python, torch, loader included).",
             "- Planner estimate: the `cpu` preset's step time for the plan each run used (the trainer's plan "
             "check; calibrated if `distrec plan --calibrate` rates were present).",
-            "- Weak scaling: half the strong global batch per rank; at 2 ranks it is the strong-scaling run.", ""]
+            "- Weak scaling: half the strong global batch per rank; at 2 ranks it is the strong-scaling run.",
+            f"- Ranks beyond the machine's {doc.get('machine', {}).get('cores', '?')} cores share them: there the "
+            "scaling numbers measure the engines' overhead under contention, not what more hardware would give "
+            "(the projection is the model's answer to that).",
+            "- Async PS: W workers each push updates from 1/W of every global batch, so for the same samples it "
+            "makes W times as many, W times smaller, updates as sync: at a small sample budget that can favour "
+            "its AUC (see docs/benchmarks.md for the same-updates comparison).",
+            "- Other jobs share this machine: single runs can be off by tens of percent; compare medians and "
+            "look at the spread where repeats ran.", ""]

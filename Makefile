@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): constraints.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0 fbgemm-gpu-cpu==1.8.0 \
-		torchmetrics tensordict pyre-extensions tqdm numpy pyarrow tomli-w pytest triton
+		torchmetrics tensordict pyre-extensions tqdm numpy pyarrow tomli-w pytest triton matplotlib
 	# --no-deps: torchrec's metadata asks for the CUDA fbgemm-gpu, which must never land on a CPU machine.
 	$(PIP) install -q --no-deps -c constraints.txt torchrec==1.8.0
 	$(PIP) install -q --no-deps --no-build-isolation -e .

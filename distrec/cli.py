@@ -7,6 +7,7 @@
     distrec reshard --checkpoint runs/demo/ckpt --out model.pt --unsharded
     distrec ps --workers 2 --servers 1 --config configs/demo.toml
     distrec plan --gpus 8 --config configs/criteo_terabyte.toml --hbm-gb 16 --json plan.json
+    distrec bench --quick --out report/
 """
 from __future__ import annotations
 
@@ -53,6 +54,18 @@ def _ps(args: argparse.Namespace, rest: list[str]) -> int:
     from distrec.ps.launch import main as ps_main
 
     return ps_main(args, rest)
+
+
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from distrec.bench.cli import main as bench_main
+
+    try:
+        return bench_main(args, rest)
+    except (ValueError, RuntimeError) as e:  # bad options, a failed data synthesis
+        print(f"distrec: error: {e}", file=sys.stderr)
+        return 2
+
+
 def _plan(args: argparse.Namespace, rest: list[str]) -> int:
     from distrec.plan_cmd import main as plan_main
 
@@ -93,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog="Further arguments are config overrides: --section.key=value")
     add_plan_arguments(plan)
     plan.set_defaults(func=_plan)
+    from distrec.bench.cli import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="scaling benchmark report: sweep engines, strategies and ranks; "
+                           "`bench compare A B`")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     return p
 
 

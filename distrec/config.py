@@ -137,6 +137,9 @@ class TrainConfig:
     pipeline: bool = False  # start batch i+1's id all-to-all while batch i's dense part runs
     log_every_steps: int = 50
     progress_bar: bool = True
+    # >0: time each step's phases (data wait, all-to-alls, lookup, all-reduce, optimizer) and write their
+    # means over the last N steps as {"kind": "breakdown"} to metrics.jsonl (distrec bench uses it)
+    profile_steps: int = 0
 
 
 @dataclass

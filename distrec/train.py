@@ -19,10 +19,11 @@ from distrec.checkpoint import open_latest, save_sharded
 from distrec.config import Config, ConfigError, dump_toml, load_config, table_specs, to_dict
 from distrec.data.loader import Columns, ParquetLoader
 from distrec.data.manifest import DataError, check_schema, read_manifest, split_files
-from distrec.dist import DistContext, all_reduce_sum, init_distributed, shutdown
+from distrec.dist import DistContext, all_gather_object, all_reduce_sum, init_distributed, shutdown
 from distrec.logs import MetricsLog, write_resolved_config
 from distrec.loop import Position, evaluate, pipelined, restore, train_step, training_state
 from distrec.model.dlrm import DLRM
+from distrec.phases import PhaseTimer, TimedOptimizer
 from distrec.optim import make_optimizers, sparse_spec
 from distrec.plan_check import report_plan_check
 from sharding.plan import describe_plan, load_plan, simple_plan
@@ -54,7 +55,17 @@ def _sum_gradients(state, bucket):  # unannotated: DDP checks annotations, which
     return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
 
 
-def wrap_dense(model: DLRM, optimizers: list, ctx: DistContext) -> tuple[nn.Module, list]:
+def _timed_sum_gradients(timer, bucket):
+    """The same, adding each bucket's all-reduce time (call to completion) to the profile."""
+    start = time.perf_counter()
+
+    def done(f):
+        timer.add("grad_allreduce", time.perf_counter() - start)
+        return f.value()[0]
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(done)
+
+
+def wrap_dense(model: DLRM, optimizers: list, ctx: DistContext, timer: PhaseTimer | None = None) -> tuple[nn.Module, list]:
     """(model to call, optimizers) with the dense part's gradients summed over ranks: by DDP, or by
     Horovod's DistributedOptimizer. Embedding shards differ per rank and get their gradients by
     all-to-all (shards) or all-reduce (replicas) in the sharded runtime, so both leave them alone."""
@@ -67,7 +78,10 @@ def wrap_dense(model: DLRM, optimizers: list, ctx: DistContext) -> tuple[nn.Modu
                                                     *model.embeddings.named_buffers()]]
     DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
     ddp = DDP(model)
-    ddp.register_comm_hook(None, _sum_gradients)
+    if timer is None:
+        ddp.register_comm_hook(None, _sum_gradients)
+    else:
+        ddp.register_comm_hook(timer, _timed_sum_gradients)
     return ddp, optimizers
 
 
@@ -89,7 +103,8 @@ def run(cfg: Config, ctx: DistContext) -> dict:
     embeddings = ShardedEmbeddingCollection(tables, plan, rank=ctx.rank, group=ctx.group, seed=cfg.train.seed,
                                             device=ctx.device, optim=sparse_spec(cfg.optimizer), kernel=cfg.plan.kernel)
     model = DLRM.from_config(cfg, embeddings).to(ctx.device)
-    ddp, optimizers = wrap_dense(model, make_optimizers(cfg.optimizer, model), ctx)
+    embeddings.timer = PhaseTimer() if cfg.train.profile_steps else None
+    ddp, optimizers = wrap_dense(model, make_optimizers(cfg.optimizer, model), ctx, embeddings.timer)
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
     pos = Position()
@@ -110,6 +125,8 @@ def run(cfg: Config, ctx: DistContext) -> dict:
             log.info(f"resumed from {cfg.checkpoint.dir} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
     result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log)
     report_plan_check(cfg, ctx, plan, specs, model.embeddings, result, log)
+    if embeddings.timer is not None:
+        report_breakdown(cfg, ctx, embeddings.timer, log)
     result["bayes_auc"] = manifest.get("bayes_auc")
     log.close()
     return result
@@ -140,19 +157,35 @@ class Window:
         self.start += time.perf_counter() - begin
 
 
+def report_breakdown(cfg: Config, ctx: DistContext, timer: PhaseTimer, log: MetricsLog) -> None:
+    """Collective: each rank's mean ms per phase; rank 0 writes {"kind": "breakdown"} with the mean over
+    ranks and every rank's own numbers."""
+    per_rank = all_gather_object(timer.summary(cfg.train.profile_steps), ctx)
+    if ctx.is_main:
+        phases = per_rank[0]["ms"].keys()
+        mean = {k: sum(r["ms"][k] for r in per_rank) / len(per_rank) for k in phases}
+        log.record({"kind": "breakdown", "steps": per_rank[0]["steps"], "ms": mean,
+                    "ranks": [r["ms"] for r in per_rank]})
+
+
 def samples_seen(pos: Position, loader: ParquetLoader) -> int:
     return pos.epoch * loader.num_rows + min(pos.batch * loader.global_batch_size, loader.num_rows)
 
 
 def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log) -> dict:
     window, G, since_log = Window(), train_loader.global_batch_size, 0
+    timer = model.embeddings.timer
+    step_opts = [TimedOptimizer(o, timer) for o in optimizers] if timer is not None else optimizers
     while pos.step < total:
         batches = (b.to(ctx.device) for b in train_loader.epoch(pos.epoch, pos.batch))
         if cfg.train.pipeline:
             batches = pipelined(batches, model.embeddings)
-        for batch in batches:
+        for batch in (timer.timed_iter(batches) if timer is not None else batches):
             global_size = min(G, train_loader.num_rows - pos.batch * G)
-            window.loss_sum += train_step(ddp, model.embeddings, optimizers, batch, global_size)
+            started = time.perf_counter()
+            window.loss_sum += train_step(ddp, model.embeddings, step_opts, batch, global_size)
+            if timer is not None:
+                timer.end_step(time.perf_counter() - started)
             window.rows += len(batch)
             window.wait_s += getattr(batch.sparse, "wait_s", 0.0)
             pos.step, pos.batch, since_log = pos.step + 1, pos.batch + 1, since_log + 1

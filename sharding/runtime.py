@@ -25,6 +25,7 @@ updates the touched rows inside backward, or the plain path leaves row-sparse gr
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -94,6 +95,7 @@ class ShardedEmbeddingCollection(nn.Module):
         self._blocks_in_table_order = not self.replicated and all(
             [(p.table, p.shard.col_start, p.shard.width) for p in shards] == full for shards in self.dst_shards)
         self._routing()
+        self.timer = None  # an optional phase timer (distrec.phases.PhaseTimer): off unless a profiler sets it
         self.to(device)
 
     # ---- input dist -------------------------------------------------------------------------------
@@ -246,15 +248,22 @@ class ShardedEmbeddingCollection(nn.Module):
         per_table = torch.where(torch.tensor([t.pooling == "mean" for t in self.tables]), lengths, ones)
         return per_table.repeat_interleave(torch.tensor(self.dims), dim=1)
 
+    def _phase(self, name: str):
+        return self.timer.phase(name) if self.timer is not None else contextlib.nullcontext()
+
     def forward(self, sparse) -> torch.Tensor:
         """``sparse``: a JaggedBatch, torchrec's KeyedJaggedTensor (keys in table order), or the
         InputDist of one already started."""
-        inc = sparse if isinstance(sparse, InputDist) else self.start_input_dist(sparse)
+        with self._phase("input_a2a"):
+            inc = sparse if isinstance(sparse, InputDist) else self.start_input_dist(sparse)
+            arrived = self._arrived(inc)
         sparse, batch = inc.sparse, inc.batch_size
-        pooled = self.local.pool(*self._arrived(inc), inc.batch_sizes)  # [samples of all sources, my width]
+        with self._phase("lookup"):
+            pooled = self.local.pool(*arrived, inc.batch_sizes)  # [samples of all sources, my width]
         w_mine = self.recv_width[self.rank]
-        received = all_to_all(pooled.reshape(-1), [b * w_mine for b in inc.batch_sizes],
-                              [batch * w for w in self.recv_width], self.group)
+        with self._phase("output_a2a"):
+            received = all_to_all(pooled.reshape(-1), [b * w_mine for b in inc.batch_sizes],
+                                  [batch * w for w in self.recv_width], self.group)
         out = self._combine(received, self._replica_lookup(sparse), batch)
         return out / self._mean_divisor(sparse) if self.has_mean else out
 
@@ -264,6 +273,10 @@ class ShardedEmbeddingCollection(nn.Module):
         optimizers see the same rows as with one rank). Call after backward, before the optimizer."""
         if self.world == 1:
             return
+        with self._phase("replica_allreduce"):
+            self._sync_replica_grads()
+
+    def _sync_replica_grads(self) -> None:
         for p in self.replicas.weights:
             if p.grad is None:
                 continue  # every rank looks up every replica each step, so all ranks agree on this

@@ -1,0 +1,86 @@
+"""Opt-in per-phase wall time of training steps (``--train.profile_steps=N``), for the step-time
+breakdown of ``distrec bench``.
+
+    timer = PhaseTimer()
+    with timer.phase("lookup"):
+        pooled = lookup(...)
+    timer.end_step(step_seconds)          # closes the step: its phases become one row
+    timer.summary(last=20)                # {"steps": 20, "ms": {"lookup": 1.2, ..., "dense_fwd_bwd": ...}}
+
+Nothing calls it unless the trainer sets ``embeddings.timer`` (off by default), so the hot path pays
+one ``is None`` test per phase.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+# Phases measured directly; "dense_fwd_bwd" is the rest of the step (see ``end_step``).
+PHASES = ("data_wait", "input_a2a", "lookup", "output_a2a", "grad_allreduce", "optimizer")
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.current: dict[str, float] = {}
+        self.rows: list[dict[str, float]] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.current[name] = self.current.get(name, 0.0) + seconds
+
+    def end_step(self, step_seconds: float) -> None:
+        """Close a step that took ``step_seconds`` (data wait excluded). The gradient all-reduce runs
+        on gloo's thread while backward goes on, so it is not subtracted: dense_fwd_bwd is the step
+        minus the input/output all-to-all, lookup, optimizer and the data-parallel tables' all-reduce
+        (it holds the embeddings' backward too: reverse all-to-all and fused row update)."""
+        row = {p: self.current.get(p, 0.0) for p in PHASES}
+        replicas = self.current.get("replica_allreduce", 0.0)  # data-parallel tables: after backward, blocking
+        row["grad_allreduce"] += replicas
+        exclusive = row["input_a2a"] + row["lookup"] + row["output_a2a"] + row["optimizer"] + replicas
+        row["dense_fwd_bwd"] = max(step_seconds - exclusive, 0.0)
+        row["step"] = step_seconds + row["data_wait"]
+        self.rows.append(row)
+        self.current = {}
+
+    def summary(self, last: int) -> dict:
+        """Mean milliseconds per phase over the last ``last`` steps (the first step, warm-up, left out
+        when there are others)."""
+        rows = self.rows[1:] if len(self.rows) > 1 else self.rows
+        rows = rows[-last:] if last else rows
+        keys = [*PHASES, "dense_fwd_bwd", "step"]
+        return {"steps": len(rows), "ms": {k: 1e3 * sum(r[k] for r in rows) / max(len(rows), 1) for k in keys}}
+
+    def timed_iter(self, items, name: str = "data_wait"):
+        """``items`` with the time spent waiting for each next item added to phase ``name``."""
+        it = iter(items)
+        while True:
+            with self.phase(name):
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+            yield item
+
+
+class TimedOptimizer:
+    """An optimizer whose ``step`` counts as the "optimizer" phase; everything else passes through."""
+
+    def __init__(self, opt, timer: PhaseTimer):
+        self.opt, self.timer = opt, timer
+
+    def step(self):
+        with self.timer.phase("optimizer"):
+            return self.opt.step()
+
+    def zero_grad(self, *args, **kwargs):
+        return self.opt.zero_grad(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.opt, name)

@@ -38,6 +38,12 @@ TOUCHED_ROW_COPIES = 3
 # Routing a rank's own ids: ~8 passes over int64 ids, each read and written (searchsorted, argsort,
 # bincount, gathers in sharding/runtime.py _bucketize).
 ROUTE_BYTES_PER_ID = 8 * 2 * ID_BYTES
+# A replica's sparse gradient is coalesced (sorted by row) before the all-reduce: a sort of (row, position)
+# int64 pairs, ~16 passes of 16 bytes per id (assumption; --calibrate fits the rate it runs at).
+COALESCE_BYTES_PER_ID = 16 * 16
+# The replica all-reduce buffer [rows, width + 1] is zeroed, filled, reduced, scanned for touched rows
+# and gathered from: five passes (sharding/runtime.py, sync_replica_grads).
+REPLICA_BUFFER_PASSES = 5
 # Collectives per step of the sharded runtime: forward counts, ids, pooled rows; backward gradients.
 FWD_COLLECTIVES, BWD_COLLECTIVES = 3, 1
 # fp32 tensors the dense optimizer reads and writes per parameter and step: weight, gradient, state.
@@ -72,14 +78,24 @@ def ids_and_bags(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, w
     return ids, float(batch)
 
 
+def touched_rows(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, world: int) -> float:
+    """Rows the optimizer updates per step: at most one per id; a replica's all-reduced gradient holds
+    the rows every rank touched."""
+    ids, _ = ids_and_bags(t, p, kind, work, world)
+    return min(ids * (world if kind is ShardingType.DATA_PARALLEL else 1), p.num_rows)
+
+
 def lookup_bytes(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, world: int) -> tuple[float, float]:
-    """(forward, backward) bytes a shard's lookup and fused update move per step."""
+    """(forward, backward) bytes a shard's lookup and fused update move per step; a replica's backward
+    also sorts its ids and moves its all-reduce buffer (sharding/runtime.py, sync_replica_grads)."""
     ids, bags = ids_and_bags(t, p, kind, work, world)
     row = p.width * FP32_BYTES
-    touched = min(ids, p.num_rows)
+    touched = touched_rows(t, p, kind, work, world)
     forward = (ids + bags) * row
     backward = bags * row + ids * (row + SPARSE_GRAD_INDEX_BYTES) \
         + touched * 2 * (row + state_bytes_per_row(work.optimizer, p.width))
+    if kind is ShardingType.DATA_PARALLEL:
+        backward += ids * COALESCE_BYTES_PER_ID + p.num_rows * (row + FP32_BYTES) * REPLICA_BUFFER_PASSES
     return forward, backward
 
 
@@ -88,7 +104,7 @@ def piece_cost(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, top
     world = topo.world_size
     ids, bags = ids_and_bags(t, p, kind, work, world)
     row = p.width * FP32_BYTES
-    touched = min(ids, p.num_rows)
+    touched = touched_rows(t, p, kind, work, world)
     forward, backward = lookup_bytes(t, p, kind, work, world)
     lookup_rate = topo.hbm_bw_bytes_per_s * topo.lookup_efficiency
     workspace = ids * (row + SPARSE_GRAD_INDEX_BYTES) + touched * row * TOUCHED_ROW_COPIES

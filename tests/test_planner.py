@@ -78,9 +78,9 @@ def test_replica_costs_an_all_reduce_of_the_whole_table():
     assert c[MEM_OPTIMIZER] == 1000 * 4
     assert c[T_FWD] == pytest.approx((200 + 100) * 64 / 0.5e9)
     # backward: as a shard's, but the rows all 4 ranks touched (800 ids) are updated, the ids are sorted
-    # (coalesce) and the [rows, 17] buffer is passed over 5 times
+    # (coalesce: 2 passes of 16 bytes) and the [rows, 17] buffer is passed over 5 times
     touched = 800
-    assert c[T_BWD] == pytest.approx((100 * 64 + 200 * 72 + touched * 2 * (64 + 4) + 200 * 16 * 16
+    assert c[T_BWD] == pytest.approx((100 * 64 + 200 * 72 + touched * 2 * (64 + 4) + 200 * 2 * 16
                                       + 1000 * 68 * 5) / 0.5e9)
     assert c[T_ALLREDUCE] == pytest.approx(2 * 3 / 4 * 1000 * 17 * 4 / 1e8)
     assert c[X_IDS] == c[X_OUT] == c[X_GRAD] == 0

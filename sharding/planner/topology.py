@@ -55,19 +55,21 @@ _GPU_FACTORS = MappingProxyType(dict(
     collective_latency_s=GPU_COLLECTIVE_LATENCY_S, step_overhead_s=GPU_STEP_OVERHEAD_S))
 
 # This project's CPU machine: 2 vCPUs of an AMD EPYC (Zen 3) under KVM, 24.7 GB RAM, gloo ranks. Measured
-# here on 2026-11-23 (no datasheet applies to a VM slice); `distrec plan --calibrate` re-measures.
+# here on 2026-11-23 (no datasheet applies to a VM slice). Rates marked "calibrate" come from
+# `distrec plan --calibrate --gpus 2 --config configs/demo.toml --preset cpu` (several runs; the machine is
+# shared with other jobs, so they vary by 2x: the value is mid-range); a new --calibrate replaces them.
 _CPU = MappingProxyType(dict(
     hbm_bytes=12.6 * GB,  # /proc/meminfo MemTotal 24,683,656 kB, shared by 2 ranks (one per core)
     # torch: b.copy_(a) of 256 MiB fp32, 1 thread, best of 5, (read + write bytes) / s: 14.4 GB/s
     hbm_bw_bytes_per_s=14 * GB,
-    intra_node_bw_bytes_per_s=2 * GB,  # gloo all_to_all_single over loopback, 2 ranks (calibrate): ~2 GB/s
+    intra_node_bw_bytes_per_s=0.5 * GB,  # calibrate: gloo all_to_all_single over loopback, 0.37-0.71 GB/s
     inter_node_bw_bytes_per_s=1.25 * GB,  # assumption: 10 GbE between CPU nodes; no second node to measure
     dense_flops_per_s=66e9,  # torch: 2048 x 2048 fp32 matmul, 1 thread: 66 GFLOP/s
-    lookup_efficiency=0.1,  # plain-PyTorch lookup/update at dim 16 reaches ~1/10 of copy bandwidth (assumption)
+    lookup_efficiency=0.025,  # calibrate: the runtime moves lookup bytes at 0.28-0.45 GB/s of 14
     comm_efficiency=1.0,  # intra_node_bw above is already what gloo achieves
-    dense_efficiency=0.3,  # small MLPs (64 wide) fall far below large-matmul rates (assumption)
-    collective_latency_s=200e-6,  # gloo small all-to-all over loopback, 2 ranks (assumption, calibrate)
-    step_overhead_s=10e-3,  # Python and dispatch per step of the CPU trainer (assumption, calibrate)
+    dense_efficiency=0.2,  # calibrate: the demo DLRM's dense step runs at 6-32 GFLOP/s of 66
+    collective_latency_s=350e-6,  # calibrate: 0.33-0.39 ms per small all-to-all, 2 ranks
+    step_overhead_s=5e-3,  # calibrate: 0-13 ms fixed per step (runtime and dense step intercepts)
 ))
 
 PRESETS = MappingProxyType({

@@ -308,17 +308,20 @@ def test_calibration_recovers_the_rates_of_a_machine_that_follows_the_model():
     spec = CalibrationSpec(world_size=2, tables=[(5000, 16), (300, 16), (40, 8)], batch_per_rank=1024,
                            dense=DenseCost(flops_per_sample=1e5, params=1000))
     true = simple_topology(world=2, hbm_bw_bytes_per_s=1e9, lookup_efficiency=1.0, intra_node_bw_bytes_per_s=5e8,
-                           collective_latency_s=1e-4)
+                           collective_latency_s=1e-4, replica_efficiency=0.25)
     tables = spec.table_configs()
 
-    def runtime_s(batch):
-        ranks = estimate_plan(simple_plan(tables, 2, "table_wise"), tables, true, spec.workload(batch))
+    def runtime_s(batch, kind="table_wise"):
+        ranks = estimate_plan(simple_plan(tables, 2, kind), tables, true, spec.workload(batch))
         return max(r.time.total for r in ranks) + 2e-3  # + the runtime's fixed cost
 
     slowest = {"alltoall": [1e-4 + n * 4 / 2 / 5e8 for n in _alltoall_sizes(2)],
                "runtime": [runtime_s(b) for b in spec.batches()],
                "dense": [3 * 1e5 * b / 1e10 + 1e-3 for b in spec.batches()]}
     rates = _rates(spec, slowest)
+    assert "replica_bytes_per_s" not in rates  # no replicated step measured
+    rates = _rates(spec, {**slowest, "replicated": [runtime_s(1024, "data_parallel")]})
+    assert rates["replica_bytes_per_s"] == pytest.approx(0.25e9)
     assert rates["alltoall_bytes_per_s"] == pytest.approx(5e8) and rates["collective_latency_s"] == pytest.approx(1e-4)
     assert rates["lookup_bytes_per_s"] == pytest.approx(1e9)
     assert rates["dense_flops_per_s"] == pytest.approx(1e10)

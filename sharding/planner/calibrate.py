@@ -16,8 +16,13 @@ sizes (the slope is the rate, the intercept the fixed cost), the slowest rank co
   rate at which the runtime moves lookup bytes (``lookup_efficiency`` = that / memory bandwidth);
 - dense: the model's dense step (a caller-given factory, e.g. distrec's DLRM without its tables, or
   the Linear layers alone) -> FLOP/s;
-- then, as a check, the same runtime with the tables replicated: measured beside the calibrated
-  estimate (``check`` in the result).
+- the whole training step (a caller-given factory: the trainer's step with the tables placed
+  table-wise), once at the per-rank batch: what it takes beyond the runtime and the dense step
+  measured apart (the data-parallel all-reduce of the MLPs, the loss, caches the two evict from each
+  other) joins the fixed cost per step, so the calibrated estimate of that step is what was measured;
+- the same runtime with the tables replicated, once at the per-rank batch: what is left after its
+  lookups, all-reduces and the fixed cost is the replicas' gradient sync (coalesce, buffer passes),
+  whose rate becomes ``replica_efficiency``.
 
 Tables keep their shapes up to LOOKUP_ROWS rows each, so a calibration of a huge config stays small.
 """
@@ -38,8 +43,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sharding.optim import SparseOptimizer
-from sharding.planner.estimate import estimate_plan
-from sharding.planner.types import DenseCost, PlannerError, Topology, Workload
+from sharding.planner.estimate import estimate_plan, replica_sync_bytes
+from sharding.planner.types import DenseCost, Piece, PlannerError, Topology, Workload
 from sharding.types import TableConfig
 
 CALIBRATION_VERSION = 2
@@ -65,6 +70,7 @@ class CalibrationSpec:
     dense: DenseCost = DenseCost(flops_per_sample=2 * 512 * 512, params=512 * 513)
     dense_step: str = ""
     dense_args: tuple = ()
+    full_step: str = ""  # "module:function" called as function(batch, *dense_args), like dense_step
     dense_layers: list[tuple[int, int]] = field(default_factory=lambda: [(512, 512)])
 
     def table_configs(self) -> list[TableConfig]:
@@ -97,6 +103,8 @@ def _rank_main(rank: int, spec: CalibrationSpec, folder: str) -> None:
                "runtime": [_time_runtime(spec, rank, "table_wise", b) for b in spec.batches()]}
         if _replicable(spec):
             out["replicated"] = [_time_runtime(spec, rank, "data_parallel", spec.batch_per_rank)]
+        if spec.full_step:
+            out["full"] = [_timed(_factory(spec.full_step)(spec.batch_per_rank, *spec.dense_args))]
         Path(folder, f"rank{rank}.json").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()
@@ -157,10 +165,14 @@ def _time_dense(spec: CalibrationSpec) -> list[float]:
     return out
 
 
+def _factory(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _dense_step(spec: CalibrationSpec, batch: int):
     if spec.dense_step:
-        module, _, name = spec.dense_step.partition(":")
-        return getattr(importlib.import_module(module), name)(batch, *spec.dense_args)
+        return _factory(spec.dense_step)(batch, *spec.dense_args)
     layers = torch.nn.ModuleList(torch.nn.Linear(i, o) for i, o in spec.dense_layers)
     opt = torch.optim.Adam(layers.parameters(), lr=1e-4)
     xs = [torch.randn(batch, layer.in_features) for layer in layers]
@@ -218,15 +230,28 @@ def _rates(spec: CalibrationSpec, slowest: dict) -> dict:
                                             tuple(t - p[1] for t, p in zip(slowest["runtime"], points)))
     flops = [3 * spec.dense.flops_per_sample * b for b in spec.batches()]
     dense_s_per_flop, dense_fixed = _fit(tuple(flops), tuple(slowest["dense"]))
+    # The whole step's time beyond its parts (both fits go through the parts' large-batch points).
+    beyond = slowest["full"][0] - slowest["runtime"][1] - slowest["dense"][1] if "full" in slowest else 0.0
     rates = {"lookup_bytes_per_s": 1 / lookup_s_per_byte, "dense_flops_per_s": 1 / dense_s_per_flop,
-             "step_overhead_s": runtime_fixed + dense_fixed, "spec": asdict(spec), "raw_seconds": slowest}
+             "step_overhead_s": max(runtime_fixed + dense_fixed + beyond, 0.0), "beyond_parts_s": beyond,
+             "spec": asdict(spec), "raw_seconds": slowest}
     if a2a_s_per_byte:
         rates.update(alltoall_bytes_per_s=1 / a2a_s_per_byte, collective_latency_s=latency)
     if "replicated" in slowest:
-        lookup_bytes, comm = _runtime_points(spec, "data_parallel", topo, spec.batch_per_rank)
-        rates["check"] = {"replicated_measured_s": slowest["replicated"][0],
-                          "replicated_estimated_s": lookup_bytes * lookup_s_per_byte + comm + runtime_fixed}
+        rates.update(_replica_rate(spec, topo, slowest["replicated"][0], lookup_s_per_byte, runtime_fixed))
     return rates
+
+
+def _replica_rate(spec: CalibrationSpec, topo: Topology, measured: float, lookup_s_per_byte: float,
+                  fixed: float) -> dict:
+    """The rate replicas' gradient sync runs at: the replicated step's time left after the lookups (at
+    the lookup rate), the all-reduces and the fixed cost, over the bytes the sync moves."""
+    work = spec.workload(spec.batch_per_rank)
+    sync = sum(replica_sync_bytes(t, Piece(0, t.num_rows, 0, t.dim), work) for t in spec.table_configs())
+    total, comm = _runtime_points(spec, "data_parallel", topo, spec.batch_per_rank)
+    left = measured - fixed - comm - (total - sync) * lookup_s_per_byte
+    rate = sync / left if left > 0 else 1 / lookup_s_per_byte
+    return {"replica_bytes_per_s": rate, "replicated_step_s": measured}
 
 
 # ---- storing and using ---------------------------------------------------------------------------
@@ -273,6 +298,8 @@ def apply_calibration(topo: Topology, rates: dict, where: str) -> Topology:
     if "alltoall_bytes_per_s" in rates:  # measured with more than one rank
         links = dict(intra_node_bw_bytes_per_s=rates["alltoall_bytes_per_s"] / topo.comm_efficiency,
                      collective_latency_s=rates["collective_latency_s"])
+    if "replica_bytes_per_s" in rates:  # measured when the tables were small enough to replicate
+        links["replica_efficiency"] = rates["replica_bytes_per_s"] / topo.hbm_bw_bytes_per_s
     return topo.with_(
         lookup_efficiency=rates["lookup_bytes_per_s"] / topo.hbm_bw_bytes_per_s,
         dense_efficiency=rates["dense_flops_per_s"] / topo.dense_flops_per_s,

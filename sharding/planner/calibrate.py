@@ -51,7 +51,8 @@ CALIBRATION_VERSION = 2
 LOOKUP_ROWS = 1_000_000  # rows per table at most while measuring (a calibration must fit this machine)
 SMALL_FRACTION = 8  # the small size of each two-size measurement is 1/8 of the large one
 # Timed runs per size; their mean counts, as the trainer's step time is a mean (on a shared machine
-# other jobs make some runs slower, and they do the same to training).
+# other jobs make some runs slower, and they do the same to training), less the fastest and the
+# slowest run, so that one burst does not decide a fit.
 REPEATS = 7
 ALLTOALL_LARGE_BYTES = 8 << 20  # per rank and step, the order of a batch's pooled rows
 REPLICA_CHECK_MAX_BYTES = 256e6  # replicate the tables for the check only if they are this small
@@ -120,7 +121,7 @@ def _timed(fn, repeats: int = REPEATS) -> float:
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.fmean(times)
+    return statistics.fmean(sorted(times)[1:-1])
 
 
 def _alltoall_sizes(world: int) -> list[int]:

@@ -174,6 +174,7 @@ def main() -> int:
     p.add_argument("--torchrec-timeout", type=float, default=1800.0, help="seconds; 0 skips TorchRec")
     p.add_argument("--torchrec-budget", type=int, default=0,
                    help="also run TorchRec with timeout_seconds=this (its best plan so far)")
+    p.add_argument("--budget-only", action="store_true", help="run TorchRec only with --torchrec-budget")
     args = p.parse_args()
     tables = random_tables(args.tables, args.seed)
     print(f"{args.tables} tables ({sum(t.num_rows for t in tables):,} rows), {args.ranks} ranks of {PRESET}, "
@@ -184,7 +185,7 @@ def main() -> int:
         mine = {"error": str(e)}
     print(f"distrec: {mine}", flush=True)
     rows = [("distrec `plan_tables`", mine)]
-    if args.torchrec_timeout:
+    if args.torchrec_timeout and not args.budget_only:
         theirs = torchrec(tables, args.ranks, args.torchrec_timeout)
         print(f"torchrec: {theirs}", flush=True)
         rows.append(("TorchRec `EmbeddingShardingPlanner`", theirs))

@@ -18,6 +18,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from distrec.config import Config, TableSpec, load_config, table_specs
 from sharding.plan import save_plan
 from sharding.planner import (GB, DenseCost, PlannerError, TableConstraints, Topology, Workload, make_topology,
@@ -160,7 +162,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     cfg = load_config(args.config, rest)
     specs = _specs(cfg)
     if args.calibrate:
-        return _calibrate(cfg, specs, args)
+        return _calibrate(cfg, specs, args, rest)
     if not args.gpus:
         raise PlannerError("distrec plan needs --gpus N (the ranks to plan for)")
     measured = measure_pooling(cfg, specs) if args.measure_pooling else None
@@ -226,13 +228,14 @@ def _what_if(cfg: Config, specs, args, measured) -> list:
     return out
 
 
-def _calibrate(cfg: Config, specs, args) -> int:
+def _calibrate(cfg: Config, specs, args, rest: list[str]) -> int:
     ranks = args.gpus or 2
     preset = args.preset or cfg.planner.preset
     spec = CalibrationSpec(world_size=ranks, tables=[(s.num_rows, s.dim) for s in specs],
                            batch_per_rank=args.batch_size or batch_per_rank(cfg, ranks), optimizer=cfg.optimizer.sparse,
                            pooling=sum(pooling_factors(cfg, specs).values()) / len(specs),
-                           dense_layers=dense_layers(cfg, specs))
+                           dense=dense_cost(cfg, specs), dense_step="distrec.plan_cmd:dense_step",
+                           full_step="distrec.plan_cmd:train_step_table_wise", dense_args=(args.config, tuple(rest)))
     print(f"calibrating on {ranks} local rank(s) with {len(specs)} tables, batch {spec.batch_per_rank} per rank ...",
           flush=True)
     rates = calibrate(spec)
@@ -240,8 +243,86 @@ def _calibrate(cfg: Config, specs, args) -> int:
     if path is None:
         raise PlannerError("--calibrate with --calibration none: nowhere to keep the rates")
     save_calibration(path, preset, rates)
-    print(f"lookup {rates['lookup_bytes_per_s'] / GB:.3f} GB/s, all-to-all {rates['alltoall_bytes_per_s'] / GB:.3f} "
-          f"GB/s + {rates['collective_latency_s'] * 1e3:.3f} ms per collective, dense "
-          f"{rates['dense_flops_per_s'] / 1e9:.1f} GFLOP/s, fixed {rates['step_overhead_s'] * 1e3:.2f} ms per step")
+    links = (f"all-to-all {rates['alltoall_bytes_per_s'] / GB:.3f} GB/s + {rates['collective_latency_s'] * 1e3:.3f} "
+             f"ms per collective" if "alltoall_bytes_per_s" in rates else "no links with one rank")
+    print(f"lookup {rates['lookup_bytes_per_s'] / GB:.3f} GB/s, {links}, dense {rates['dense_flops_per_s'] / 1e9:.1f} "
+          f"GFLOP/s, fixed {rates['step_overhead_s'] * 1e3:.2f} ms per step")
+    if "full" in rates["raw_seconds"]:
+        print(f"whole training step {rates['raw_seconds']['full'][0] * 1e3:.1f} ms, "
+              f"{rates['beyond_parts_s'] * 1e3:+.1f} ms beyond its parts measured apart")
+    if "replica_bytes_per_s" in rates:
+        print(f"replicas' gradient sync {rates['replica_bytes_per_s'] / GB:.3f} GB/s (tables replicated: "
+              f"{rates['replicated_step_s'] * 1e3:.1f} ms per runtime step)")
     print(f"wrote {path} (preset {preset}): later plans and the trainer's estimates for {preset} use these rates")
     return 0
+
+
+class _PooledStub(torch.nn.Module):
+    """Stands in for the embedding tables while calibrating the dense part: a fixed pooled batch."""
+
+    def __init__(self, specs: list[TableSpec], batch: int):
+        super().__init__()
+        self.specs = specs
+        self.pooled = torch.nn.Parameter(torch.randn(batch, sum(s.dim for s in specs)) * 0.01)
+
+    @property
+    def dims(self) -> list[int]:
+        return [s.dim for s in self.specs]
+
+    def forward(self, sparse) -> torch.Tensor:
+        return self.pooled
+
+
+def dense_step(batch: int, config: str | None, overrides: tuple[str, ...]):
+    """One dense training step of the config's DLRM at ``batch`` rows (bottom MLP, interaction, top MLP,
+    loss, backward, the dense optimizer), the pooled embeddings fixed: ``--calibrate``'s dense rate."""
+    import torch.nn.functional as F
+
+    from distrec.model.dlrm import DLRM
+    from distrec.optim import make_optimizers
+
+    cfg = load_config(config, list(overrides))
+    specs = table_specs(cfg)
+    model = DLRM.from_config(cfg, _PooledStub(specs, batch))
+    opt = make_optimizers(cfg.optimizer, model)[0]
+    dense, labels = torch.randn(batch, len(cfg.schema.dense)), torch.randint(0, 2, (batch,)).float()
+
+    def step():
+        F.binary_cross_entropy_with_logits(model(dense, None), labels, reduction="sum").backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def train_step_table_wise(batch: int, config: str | None, overrides: tuple[str, ...]):
+    """One step of the trainer (``distrec.loop.train_step``: the DLRM under DDP, the sharded runtime
+    with the tables table-wise, both optimizers) on synthetic ids, in a calibration rank: the whole
+    step that ``--calibrate`` compares with its parts."""
+    import torch.distributed as dist
+
+    from distrec.data.loader import Batch
+    from distrec.dist import DistContext
+    from distrec.loop import train_step
+    from distrec.model.dlrm import DLRM
+    from distrec.optim import make_optimizers
+    from distrec.train import wrap_dense
+    from sharding.jagged import JaggedBatch
+    from sharding.plan import simple_plan
+    from sharding.planner.calibrate import LOOKUP_ROWS
+    from sharding.runtime import ShardedEmbeddingCollection
+
+    cfg = load_config(config, list(overrides))
+    specs = table_specs(cfg)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tables = [TableConfig(s.name, min(s.num_rows, LOOKUP_ROWS), s.dim, s.pooling) for s in specs]
+    emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, "table_wise"), rank=rank)
+    model = DLRM.from_config(cfg, emb)
+    optimizers = make_optimizers(cfg.optimizer, model)
+    ddp = wrap_dense(model, DistContext(rank, world, rank, torch.device("cpu"), "gloo"))
+    per_bag = [max(round(x), 1) for x in pooling_factors(cfg, specs).values()]
+    values = torch.cat([torch.randint(0, t.num_rows, (batch * n,)) for t, n in zip(tables, per_bag)])
+    lengths = torch.tensor(per_bag).repeat_interleave(batch)
+    data = Batch(torch.randn(batch, len(cfg.schema.dense)), JaggedBatch([t.name for t in tables], values, lengths),
+                 torch.randint(0, 2, (batch,)).float())
+    return lambda: train_step(ddp, emb, optimizers, data, batch * world)

@@ -9,9 +9,9 @@ from distrec.plan_check import measured_bytes
 from sharding.jagged import JaggedBatch
 from sharding.optim import KINDS, OptimSpec
 from sharding.plan import load_plan, save_plan, simple_plan, validate_plan
-from sharding.planner import (GB, InfeasiblePlanError, PlannerError, TableConstraints, Topology, Workload,
+from sharding.planner import (GB, DenseCost, InfeasiblePlanError, PlannerError, TableConstraints, Topology, Workload,
                               estimate_plan, make_topology, plan_tables)
-from sharding.planner.calibrate import apply_calibration, load_calibration, save_calibration
+from sharding.planner.calibrate import CalibrationSpec, apply_calibration, load_calibration, save_calibration
 from sharding.planner.enumerators import column_counts, enumerate_options
 from sharding.planner.estimate import (MEM_BUFFERS, MEM_OPTIMIZER, MEM_WEIGHTS, MEM_WORKSPACE, T_ALLREDUCE, T_BWD,
                                        T_FWD, X_GRAD, X_IDS, X_OUT, RankModel, alltoall_seconds_per_byte,
@@ -78,6 +78,11 @@ def test_replica_costs_an_all_reduce_of_the_whole_table():
     # own samples only: 100 bags, 200 ids; the all-reduce moves rows x (16 + 1) fp32, ring 2 (W-1)/W
     assert c[MEM_OPTIMIZER] == 1000 * 4
     assert c[T_FWD] == pytest.approx((200 + 100) * 64 / 0.5e9)
+    # backward: as a shard's, but the rows all 4 ranks touched (800 ids) are updated, the ids are sorted
+    # (coalesce: 2 passes of 16 bytes) and the [rows, 17] buffer is passed over 5 times
+    touched = 800
+    assert c[T_BWD] == pytest.approx((100 * 64 + 200 * 72 + touched * 2 * (64 + 4) + 200 * 2 * 16
+                                      + 1000 * 68 * 5) / 0.5e9)
     assert c[T_ALLREDUCE] == pytest.approx(2 * 3 / 4 * 1000 * 17 * 4 / 1e8)
     assert c[X_IDS] == c[X_OUT] == c[X_GRAD] == 0
     assert c[MEM_BUFFERS] == 1000 * 17 * 4 + 2 * 100 * 64
@@ -292,6 +297,34 @@ def test_calibration_round_trip_and_use(tmp_path):
     assert topo.intra_node_bw_bytes_per_s * topo.comm_efficiency == pytest.approx(5e8)
     assert topo.dense_flops_per_s * topo.dense_efficiency == pytest.approx(3e10)
     assert topo.step_overhead_s == 0.01 and str(path) in topo.calibrated
+
+
+def test_calibration_recovers_the_rates_of_a_machine_that_follows_the_model():
+    """Seconds made by the cost model for known rates; the two-size fits must give those rates back."""
+    from sharding.plan import simple_plan
+    from sharding.planner.calibrate import _alltoall_sizes, _rates
+
+    spec = CalibrationSpec(world_size=2, tables=[(5000, 16), (300, 16), (40, 8)], batch_per_rank=1024,
+                           dense=DenseCost(flops_per_sample=1e5, params=1000))
+    true = simple_topology(world=2, hbm_bw_bytes_per_s=1e9, lookup_efficiency=1.0, intra_node_bw_bytes_per_s=5e8,
+                           collective_latency_s=1e-4, replica_efficiency=0.25)
+    tables = spec.table_configs()
+
+    def runtime_s(batch, kind="table_wise"):
+        ranks = estimate_plan(simple_plan(tables, 2, kind), tables, true, spec.workload(batch))
+        return max(r.time.total for r in ranks) + 2e-3  # + the runtime's fixed cost
+
+    slowest = {"alltoall": [1e-4 + n * 4 / 2 / 5e8 for n in _alltoall_sizes(2)],
+               "runtime": [runtime_s(b) for b in spec.batches()],
+               "dense": [3 * 1e5 * b / 1e10 + 1e-3 for b in spec.batches()]}
+    rates = _rates(spec, slowest)
+    assert "replica_bytes_per_s" not in rates  # no replicated step measured
+    rates = _rates(spec, {**slowest, "replicated": [runtime_s(1024, "data_parallel")]})
+    assert rates["replica_bytes_per_s"] == pytest.approx(0.25e9)
+    assert rates["alltoall_bytes_per_s"] == pytest.approx(5e8) and rates["collective_latency_s"] == pytest.approx(1e-4)
+    assert rates["lookup_bytes_per_s"] == pytest.approx(1e9)
+    assert rates["dense_flops_per_s"] == pytest.approx(1e10)
+    assert rates["step_overhead_s"] == pytest.approx(3e-3)
 
 
 # --------------------------------------------------------------- a row-wise table on a subset of ranks

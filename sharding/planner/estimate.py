@@ -38,6 +38,13 @@ TOUCHED_ROW_COPIES = 3
 # Routing a rank's own ids: ~8 passes over int64 ids, each read and written (searchsorted, argsort,
 # bincount, gathers in sharding/runtime.py _bucketize).
 ROUTE_BYTES_PER_ID = 8 * 2 * ID_BYTES
+# A replica's sparse gradient is coalesced (sorted by row) before the all-reduce: about two passes over
+# (row, position) int64 pairs per id (assumption; the rate this runs at is Topology.replica_efficiency,
+# which --calibrate measures on replicated tables).
+COALESCE_BYTES_PER_ID = 2 * 16
+# The replica all-reduce buffer [rows, width + 1] is zeroed, filled, reduced, scanned for touched rows
+# and gathered from: five passes (sharding/runtime.py, sync_replica_grads).
+REPLICA_BUFFER_PASSES = 5
 # Collectives per step of the sharded runtime: forward counts, ids, pooled rows; backward gradients.
 FWD_COLLECTIVES, BWD_COLLECTIVES = 3, 1
 # fp32 tensors the dense optimizer reads and writes per parameter and step: weight, gradient, state.
@@ -72,15 +79,29 @@ def ids_and_bags(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, w
     return ids, float(batch)
 
 
+def touched_rows(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, world: int) -> float:
+    """Rows the optimizer updates per step: at most one per id; a replica's all-reduced gradient holds
+    the rows every rank touched."""
+    ids, _ = ids_and_bags(t, p, kind, work, world)
+    return min(ids * (world if kind is ShardingType.DATA_PARALLEL else 1), p.num_rows)
+
+
 def lookup_bytes(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, world: int) -> tuple[float, float]:
     """(forward, backward) bytes a shard's lookup and fused update move per step."""
     ids, bags = ids_and_bags(t, p, kind, work, world)
     row = p.width * FP32_BYTES
-    touched = min(ids, p.num_rows)
+    touched = touched_rows(t, p, kind, work, world)
     forward = (ids + bags) * row
     backward = bags * row + ids * (row + SPARSE_GRAD_INDEX_BYTES) \
         + touched * 2 * (row + state_bytes_per_row(work.optimizer, p.width))
     return forward, backward
+
+
+def replica_sync_bytes(t: TableConfig, p: Piece, work: Workload) -> float:
+    """What a replica's gradient sync moves besides the all-reduce: its ids sorted (coalesce) and its
+    [rows, width + 1] buffer passed over (sharding/runtime.py, sync_replica_grads)."""
+    return (work.batch_per_rank * work.pooling_factor(t.name) * COALESCE_BYTES_PER_ID
+            + p.num_rows * (p.width + 1) * FP32_BYTES * REPLICA_BUFFER_PASSES)
 
 
 def piece_cost(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, topo: Topology) -> tuple:
@@ -88,7 +109,7 @@ def piece_cost(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, top
     world = topo.world_size
     ids, bags = ids_and_bags(t, p, kind, work, world)
     row = p.width * FP32_BYTES
-    touched = min(ids, p.num_rows)
+    touched = touched_rows(t, p, kind, work, world)
     forward, backward = lookup_bytes(t, p, kind, work, world)
     lookup_rate = topo.hbm_bw_bytes_per_s * topo.lookup_efficiency
     workspace = ids * (row + SPARSE_GRAD_INDEX_BYTES) + touched * row * TOUCHED_ROW_COPIES
@@ -100,6 +121,7 @@ def piece_cost(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, top
     if kind is ShardingType.DATA_PARALLEL:
         reduced = p.num_rows * (p.width + 1) * FP32_BYTES  # sync_replica_grads: rows x (width + touched flag)
         cost[MEM_BUFFERS] = reduced + 2 * bags * row
+        cost[T_BWD] += replica_sync_bytes(t, p, work) / topo.replica_bytes_per_s
         cost[T_ALLREDUCE] = allreduce_seconds(reduced, topo, latency=False)  # one per width: RankModel
     else:
         cost[X_IDS] = (ids + bags) * ID_BYTES

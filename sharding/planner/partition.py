@@ -41,6 +41,9 @@ PIECE_MEMORY_SHARES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 LOCAL_SEARCH_CANDIDATES = 4  # the slowest rank's largest shards tried per local-search step
 MAX_LOCAL_STEPS_PER_TABLE = 4
 MAX_FINAL_PASSES = 3  # passes over all tables trying every other option (they also explain the plan)
+# The final passes take another option only for this much less step time (a fraction): smaller gains
+# are below what the model can tell apart, and each one makes the tables tried before it be tried again.
+FINAL_PASS_MIN_GAIN = 1e-3
 EPS_S = 1e-12
 FREE = (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE)  # shards the search may put on any rank
 BASE, IDS, OUT, GRAD, MEM = range(5)  # a shard's hot cost and the per-rank columns
@@ -86,7 +89,7 @@ class Search:
         self.s_per_byte = alltoall_seconds_per_byte(topo)
         self.costs = [[self._option_costs(t, o) for o in opts] for t, opts in zip(tables, options)]
         self.work_s = [[sum(self.piece_s(c) for c in cs) for cs in per] for per in self.costs]
-        self._deltas: dict[tuple[int, int], list[list[float]]] = {}  # (table, option) -> per-rank columns
+        self._deltas: dict[tuple[int, int], list[list[float]]] = {}  # see _everywhere
         self.reset()
 
     def reset(self) -> None:
@@ -149,6 +152,46 @@ class Search:
             self._local_search()
             self._spread_memory()
             self.alternatives = self._final_passes()
+
+    def _spread_memory(self) -> None:
+        """Move shards off the rank with the most memory onto ranks with less, where that keeps every
+        rank below the slowest rank's time: the step time stays, memory headroom grows."""
+        for _ in range(MAX_LOCAL_STEPS_PER_TABLE * len(self.tables)):
+            mem, worst = self.cols[MEM], max(self.times())
+            m = max(range(len(mem)), key=mem.__getitem__)
+            pieces = sorted(self.on_rank[m], key=lambda x: -self.costs[x[0]][self.choice[x[0]]][x[1]][MEM])
+            if not any(self._move_for_memory(ti, pi, m, worst) for ti, pi in pieces[:LOCAL_SEARCH_CANDIDATES]):
+                break
+
+    def _final_passes(self) -> list[list[tuple[int, float | None]]]:
+        """Try every other option of every table in place (the rest where it is); take one that lowers
+        the slowest rank. Returns each table's alternatives as (option, slowest rank's seconds or None
+        when it does not fit), each computed after the last change, so they explain the final plan:
+        tables tried before a change are tried again (the last pass only explains)."""
+        out: list = [None] * len(self.tables)
+        tried_at = [0] * len(self.tables)  # when each table's alternatives were computed
+        clock, last_change, pending = 0, 0, list(range(len(self.tables)))
+        for n in range(MAX_FINAL_PASSES + 1):
+            for ti in pending:
+                clock += 1
+                out[ti], changed = self._alternatives(ti, improve=n < MAX_FINAL_PASSES)
+                tried_at[ti] = clock
+                last_change = clock if changed else last_change
+            pending = [ti for ti in range(len(self.tables)) if tried_at[ti] < last_change]
+            if not pending:
+                break
+        return out
+
+    def _alternatives(self, ti: int, improve: bool) -> tuple[list[tuple[int, float | None]], bool]:
+        alts = [(oi, self.trial(ti, oi)) for oi in range(len(self.options[ti])) if oi != self.choice[ti]]
+        worst = max(self.times())
+        better = [(after, oi) for oi, after in alts if after is not None and after < worst * (1 - FINAL_PASS_MIN_GAIN)]
+        if not (better and improve):
+            return alts, False
+        keep = self.options[ti][self.choice[ti]].label
+        self._take(ti, min(better)[1])
+        self.reason[ti] = f"balance: {keep} left the slowest rank at {worst * 1e3:.2f} ms"
+        return [(oi, self.trial(ti, oi)) for oi in range(len(self.options[ti])) if oi != self.choice[ti]], True
 
     def _spread_memory(self) -> None:
         """Move shards off the rank with the most memory onto ranks with less, where that keeps every
@@ -264,15 +307,18 @@ class Search:
             else:
                 self._add(ti, ranks)
 
-    def _fit(self, ti: int) -> list[int] | None:
-        """Ranks for the chosen option's shards with the current loads, or None when they do not fit."""
-        kind = self.options[ti][self.choice[ti]].kind
-        if kind is ShardingType.TABLE_ROW_WISE:
-            return self._fit_node(ti)
-        if kind not in FREE:
-            return self._fit_fixed(ti)
-        option, times, free, mem = self.options[ti][self.choice[ti]], self.times(), self.model.free_bytes(), self.cols[MEM]
-        costs = self.costs[ti][self.choice[ti]]
+    def _fit(self, ti: int, oi: int | None = None, cols: list[list[float]] | None = None,
+             model: RankModel | None = None) -> list[int] | None:
+        """Ranks for option ``oi``'s shards (default: the chosen one) given per-rank ``cols`` and
+        ``model`` (default: the current ones), or None when they do not fit."""
+        oi = self.choice[ti] if oi is None else oi
+        cols, model = cols or self.cols, model or self.model
+        option, costs, free, mem = self.options[ti][oi], self.costs[ti][oi], model.free_bytes(), cols[MEM]
+        if option.kind in (ShardingType.ROW_WISE, ShardingType.DATA_PARALLEL):
+            return list(option.ranks) if all(free - mem[r] >= h[MEM] for r, h in zip(option.ranks, costs)) else None
+        times = model.times(cols[BASE], cols[IDS], cols[OUT], cols[GRAD])
+        if option.kind is ShardingType.TABLE_ROW_WISE:
+            return self._fit_node(option, costs, times, free, mem)
         if len(costs) == 1:  # most tables: the least loaded rank, if it has room
             r = min(option.ranks, key=times.__getitem__)
             if free - mem[r] >= costs[0][MEM]:
@@ -286,20 +332,16 @@ class Search:
             ranks.append(r)
         return ranks
 
-    def _fit_node(self, ti: int) -> list[int] | None:
-        option, g, times = self.options[ti][self.choice[ti]], self.topo.ranks_per_node, self.times()
-        best = None
+    def _fit_node(self, option: ShardOption, costs, times: list[float], free: float, mem: list[float]):
+        """The node whose slowest rank is least loaded among those with room (template: node 0's ranks)."""
+        g, best = self.topo.ranks_per_node, None
         for node in range(self.topo.nodes):
             ranks = [r + node * g for r in option.ranks]
-            if all(self.free_bytes(r) >= h[MEM] for r, h in zip(ranks, self.costs[ti][self.choice[ti]])):
+            if all(free - mem[r] >= h[MEM] for r, h in zip(ranks, costs)):
                 load = max(times[r] for r in ranks)
                 if best is None or load < best[0]:
                     best = (load, ranks)
         return best[1] if best else None
-
-    def _fit_fixed(self, ti: int) -> list[int] | None:
-        option, costs = self.options[ti][self.choice[ti]], self.costs[ti][self.choice[ti]]
-        return list(option.ranks) if all(self.free_bytes(r) >= h[MEM] for r, h in zip(option.ranks, costs)) else None
 
     def _fit_other(self, ti: int) -> list[int] | None:
         """The chosen option found no room: try the others, least work first."""
@@ -317,29 +359,34 @@ class Search:
         return None
 
     def _add(self, ti: int, ranks: list[int], sign: int = 1) -> None:
-        if self._fixed(ti) and len(ranks) == self.topo.world_size:
-            return self._add_everywhere(ti, sign)
-        movable, cols = self._movable(ti), self.cols
-        for pi, (r, h) in enumerate(zip(ranks, self.costs[ti][self.choice[ti]])):
-            for k in range(5):
-                cols[k][r] += sign * h[k]
-            if movable:
+        self._apply(self.cols, ti, self.choice[ti], ranks, sign)
+        if self._movable(ti):
+            for pi, r in enumerate(ranks):
                 (self.on_rank[r].add if sign > 0 else self.on_rank[r].discard)((ti, pi))
         self.ranks[ti] = ranks if sign > 0 else None
 
-    def _add_everywhere(self, ti: int, sign: int) -> None:
-        """A row-wise or replicated table with a shard on every rank: whole columns at once."""
-        key = (ti, self.choice[ti])
+    def _apply(self, cols: list[list[float]], ti: int, oi: int, ranks: list[int], sign: int) -> None:
+        """Add (sign 1) or take away (-1) option ``oi``'s shards on ``ranks`` to the per-rank ``cols``."""
+        if len(ranks) == self.topo.world_size and self.options[ti][oi].kind in (ShardingType.ROW_WISE,
+                                                                                ShardingType.DATA_PARALLEL):
+            op = operator.add if sign > 0 else operator.sub  # a shard on every rank: whole columns at once
+            for k, d in enumerate(self._everywhere(ti, oi)):
+                cols[k] = list(map(op, cols[k], d))
+            return
+        for r, h in zip(ranks, self.costs[ti][oi]):
+            for k in range(5):
+                cols[k][r] += sign * h[k]
+
+    def _everywhere(self, ti: int, oi: int) -> list[list[float]]:
+        """Per-rank columns of an option with a shard on every rank (cached: trials reuse them)."""
+        key = (ti, oi)
         if key not in self._deltas:
-            ranks, costs = self.options[ti][self.choice[ti]].ranks, self.costs[ti][self.choice[ti]]
             delta = [[0.0] * self.topo.world_size for _ in range(5)]
-            for r, h in zip(ranks, costs):
+            for r, h in zip(self.options[ti][oi].ranks, self.costs[ti][oi]):
                 for k in range(5):
                     delta[k][r] = h[k]
             self._deltas[key] = delta
-        op = operator.add if sign > 0 else operator.sub
-        self.cols = [list(map(op, col, d)) for col, d in zip(self.cols, self._deltas[key])]
-        self.ranks[ti] = list(self.options[ti][self.choice[ti]].ranks) if sign > 0 else None
+        return self._deltas[key]
 
     # ---- local search -----------------------------------------------------------------------------
     def _local_search(self) -> None:
@@ -410,12 +457,21 @@ class Search:
         return False
 
     def trial(self, ti: int, oi: int) -> float | None:
-        """The slowest rank's time if table ``ti`` took option ``oi`` (placed greedily); None: no room."""
-        keep, keep_ranks = self.choice[ti], self.ranks[ti]
-        ranks = self._take(ti, oi)
-        after = max(self.times()) if ranks is not None else None
-        self._take(ti, keep, keep_ranks)
-        return after
+        """The slowest rank's time if table ``ti`` took option ``oi`` (placed greedily), every other
+        table where it is; None: no room. Changes nothing."""
+        t, keep = self.tables[ti], self.options[ti][self.choice[ti]]
+        self.agg.add(t, keep, -1)
+        self.agg.add(t, self.options[ti][oi])
+        model = self.agg.model()
+        self.agg.add(t, self.options[ti][oi], -1)
+        self.agg.add(t, keep)
+        cols = [c[:] for c in self.cols]
+        self._apply(cols, ti, self.choice[ti], self.ranks[ti], -1)
+        ranks = self._fit(ti, oi, cols, model)
+        if ranks is None:
+            return None
+        self._apply(cols, ti, oi, ranks, 1)
+        return max(model.times(cols[BASE], cols[IDS], cols[OUT], cols[GRAD]))
 
     def _take(self, ti: int, oi: int, ranks: list[int] | None = None) -> list[int] | None:
         """Replace table ``ti``'s shards by option ``oi``'s on ``ranks`` (default: placed greedily)."""

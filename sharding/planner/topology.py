@@ -52,22 +52,26 @@ _H200 = MappingProxyType(dict(
 ))
 _GPU_FACTORS = MappingProxyType(dict(
     lookup_efficiency=GPU_LOOKUP_EFFICIENCY, comm_efficiency=GPU_COMM_EFFICIENCY, dense_efficiency=GPU_DENSE_EFFICIENCY,
-    collective_latency_s=GPU_COLLECTIVE_LATENCY_S, step_overhead_s=GPU_STEP_OVERHEAD_S))
+    collective_latency_s=GPU_COLLECTIVE_LATENCY_S, step_overhead_s=GPU_STEP_OVERHEAD_S,
+    replica_efficiency=0.0))  # 0: replicas' gradient sync runs at the lookup's rate (assumption)
 
 # This project's CPU machine: 2 vCPUs of an AMD EPYC (Zen 3) under KVM, 24.7 GB RAM, gloo ranks. Measured
-# here on 2026-11-23 (no datasheet applies to a VM slice); `distrec plan --calibrate` re-measures.
+# here on 2026-11-23 (no datasheet applies to a VM slice). Rates marked "calibrate" come from
+# `distrec plan --calibrate --gpus 2 --config configs/demo.toml --preset cpu` (several runs; the machine is
+# shared with other jobs, so they vary by 2x: the value is mid-range); a new --calibrate replaces them.
 _CPU = MappingProxyType(dict(
     hbm_bytes=12.6 * GB,  # /proc/meminfo MemTotal 24,683,656 kB, shared by 2 ranks (one per core)
     # torch: b.copy_(a) of 256 MiB fp32, 1 thread, best of 5, (read + write bytes) / s: 14.4 GB/s
     hbm_bw_bytes_per_s=14 * GB,
-    intra_node_bw_bytes_per_s=2 * GB,  # gloo all_to_all_single over loopback, 2 ranks (calibrate): ~2 GB/s
+    intra_node_bw_bytes_per_s=0.8 * GB,  # calibrate: gloo all_to_all_single over loopback, 0.37-1.0 GB/s
     inter_node_bw_bytes_per_s=1.25 * GB,  # assumption: 10 GbE between CPU nodes; no second node to measure
     dense_flops_per_s=66e9,  # torch: 2048 x 2048 fp32 matmul, 1 thread: 66 GFLOP/s
-    lookup_efficiency=0.1,  # plain-PyTorch lookup/update at dim 16 reaches ~1/10 of copy bandwidth (assumption)
+    lookup_efficiency=0.057,  # calibrate: the runtime moves lookup bytes at 0.3-1.2 GB/s (0.8) of 14
     comm_efficiency=1.0,  # intra_node_bw above is already what gloo achieves
-    dense_efficiency=0.3,  # small MLPs (64 wide) fall far below large-matmul rates (assumption)
-    collective_latency_s=200e-6,  # gloo small all-to-all over loopback, 2 ranks (assumption, calibrate)
-    step_overhead_s=10e-3,  # Python and dispatch per step of the CPU trainer (assumption, calibrate)
+    dense_efficiency=0.18,  # calibrate: the demo DLRM's dense step runs at 7-23 GFLOP/s (12) of 66
+    collective_latency_s=300e-6,  # calibrate: 0.2-0.8 ms per small all-to-all, 2 ranks
+    step_overhead_s=15e-3,  # calibrate: 10-24 ms per step beyond the terms above (Python, DDP, loss)
+    replica_efficiency=0.043,  # calibrate: replicas' gradient sync at 0.2-2.2 GB/s (0.6) of 14
 ))
 
 PRESETS = MappingProxyType({

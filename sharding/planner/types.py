@@ -54,6 +54,7 @@ class Topology:
     dense_efficiency: float  # fraction of dense_flops_per_s the MLPs achieve
     collective_latency_s: float  # fixed cost of one collective call
     step_overhead_s: float  # fixed cost per step and rank outside the terms above (launches, Python)
+    replica_efficiency: float = 0.0  # like lookup_efficiency, for replicas' gradient sync; 0: the same
     name: str = "custom"
     calibrated: str = ""  # where measured rates came from, if any
 
@@ -67,6 +68,10 @@ class Topology:
                      "comm_efficiency", "dense_efficiency"):
             if not getattr(self, name) > 0:
                 raise PlannerError(f"topology {self.name}: {name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def replica_bytes_per_s(self) -> float:
+        return self.hbm_bw_bytes_per_s * (self.replica_efficiency or self.lookup_efficiency)
 
     @property
     def ranks_per_node(self) -> int:

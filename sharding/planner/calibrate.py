@@ -50,10 +50,12 @@ from sharding.types import TableConfig
 CALIBRATION_VERSION = 2
 LOOKUP_ROWS = 1_000_000  # rows per table at most while measuring (a calibration must fit this machine)
 SMALL_FRACTION = 8  # the small size of each two-size measurement is 1/8 of the large one
-# Timed runs per size; their mean counts, as the trainer's step time is a mean (on a shared machine
-# other jobs make some runs slower, and they do the same to training), less the fastest and the
-# slowest run, so that one burst does not decide a fit.
-REPEATS = 7
+# Timed runs per size; their mean counts, as the trainer's step time is a mean, less the fastest and
+# the slowest fifth: on a shared machine other jobs' bursts hit single runs, and a burst must not decide
+# a fit (the whole step's excess over its parts is a difference of two measurements).
+REPEATS = 15
+TRIM = 3  # runs dropped at each end
+WARMUP = 2  # untimed first calls: allocation, optimizer state, DDP's bucket rebuild after its first step
 ALLTOALL_LARGE_BYTES = 8 << 20  # per rank and step, the order of a batch's pooled rows
 REPLICA_CHECK_MAX_BYTES = 256e6  # replicate the tables for the check only if they are this small
 
@@ -114,14 +116,15 @@ def _rank_main(rank: int, spec: CalibrationSpec, folder: str) -> None:
 
 
 def _timed(fn, repeats: int = REPEATS) -> float:
-    fn()  # warm-up: first calls allocate
+    for _ in range(WARMUP):
+        fn()
     times = []
     for _ in range(repeats):
         dist.barrier()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.fmean(sorted(times)[1:-1])
+    return statistics.fmean(sorted(times)[TRIM:-TRIM])
 
 
 def _alltoall_sizes(world: int) -> list[int]:

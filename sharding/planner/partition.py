@@ -193,37 +193,6 @@ class Search:
         self.reason[ti] = f"balance: {keep} left the slowest rank at {worst * 1e3:.2f} ms"
         return [(oi, self.trial(ti, oi)) for oi in range(len(self.options[ti])) if oi != self.choice[ti]], True
 
-    def _spread_memory(self) -> None:
-        """Move shards off the rank with the most memory onto ranks with less, where that keeps every
-        rank below the slowest rank's time: the step time stays, memory headroom grows."""
-        for _ in range(MAX_LOCAL_STEPS_PER_TABLE * len(self.tables)):
-            mem, worst = self.cols[MEM], max(self.times())
-            m = max(range(len(mem)), key=mem.__getitem__)
-            pieces = sorted(self.on_rank[m], key=lambda x: -self.costs[x[0]][self.choice[x[0]]][x[1]][MEM])
-            if not any(self._move_for_memory(ti, pi, m, worst) for ti, pi in pieces[:LOCAL_SEARCH_CANDIDATES]):
-                break
-
-    def _final_passes(self) -> list[list[tuple[int, float | None]]]:
-        """Try every other option of every table in place (the rest where it is); take one that lowers
-        the slowest rank. Returns each table's alternatives as (option, slowest rank's seconds or None
-        when it does not fit) from a pass that changed nothing, so they explain the final plan."""
-        for n in range(MAX_FINAL_PASSES + 1):
-            changed, out = False, []
-            for ti in range(len(self.tables)):
-                alts = [(oi, self.trial(ti, oi)) for oi in range(len(self.options[ti])) if oi != self.choice[ti]]
-                worst = max(self.times())
-                better = [(after, oi) for oi, after in alts if after is not None and after < worst - EPS_S]
-                if better and n < MAX_FINAL_PASSES:
-                    keep = self.options[ti][self.choice[ti]].label
-                    self._take(ti, min(better)[1])
-                    self.reason[ti] = f"balance: {keep} left the slowest rank at {worst * 1e3:.2f} ms"
-                    changed = True
-                    alts = [(oi, self.trial(ti, oi)) for oi in range(len(self.options[ti])) if oi != self.choice[ti]]
-                out.append(alts)
-            if not changed:
-                return out
-        return out
-
     def _choose(self, share: float) -> None:
         empty = self.model.free_bytes()
         for ti in range(len(self.tables)):

@@ -1,7 +1,7 @@
 """The planner's vocabulary: the machine (Topology), the work beside the tables (Workload), per-table
 constraints, candidate shardings (ShardOption), their estimated costs, and the result.
 
-    topo = Topology.preset("h100-80g", world_size=8, hbm_gb=16)
+    topo = Topology.preset("h100-80g", world_size=8, hbm_bytes=16 * GB)
     work = Workload(batch_per_rank=8192, optimizer="adagrad", pooling={"C1": 1.0})
     result = plan_tables(tables, topo, work)     # -> PlanResult; result.plan is a ShardingPlan
 

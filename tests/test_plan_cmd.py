@@ -29,7 +29,7 @@ def plan_cli(capsys, *args: str) -> Result:
 
 def test_prints_a_row_per_table_and_rank_and_writes_the_plan(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    r = plan_cli(capsys, *TERABYTE, "--gpus", "8", "--hbm-gb", "16", "--optimizer.sparse=rowwise_adagrad", "--json", str(out))
+    r = plan_cli(capsys, *TERABYTE, "--gpus", "8", "--hbm-gb", "16", "--json", str(out))  # the config's own optimizer
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     specs = table_specs(load_config(str(REPO / "configs/criteo_terabyte.toml")))
@@ -46,7 +46,8 @@ def test_prints_a_row_per_table_and_rank_and_writes_the_plan(tmp_path, capsys):
 
 
 def test_a_plan_that_does_not_fit_is_one_error_line(capsys):
-    r = plan_cli(capsys, *TERABYTE, "--gpus", "8", "--hbm-gb", "16")  # full Adagrad: 182 GB of tables and state
+    # full Adagrad: 182 GB of tables and state
+    r = plan_cli(capsys, *TERABYTE, "--gpus", "8", "--hbm-gb", "16", "--optimizer.sparse=adagrad")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     line = r.stderr.strip()
     assert line.startswith("distrec: error: no plan fits 8 ranks with 16.0 GB each: tables C1 (45,833,188 rows")

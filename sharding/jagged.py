@@ -31,6 +31,12 @@ class JaggedBatch:
     def length_per_key(self) -> list[int]:
         return self.lengths.view(len(self.keys), -1).sum(1).tolist()
 
+    def per_key(self) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None]:
+        """(each key's ids, lengths as [keys, batch], each key's weights or None)."""
+        split = self.length_per_key()
+        weights = list(torch.split(self.weights, split)) if self.weights is not None else None
+        return list(torch.split(self.values, split)), self.lengths.view(len(self.keys), -1), weights
+
     def to(self, device: torch.device | str) -> "JaggedBatch":
         w = None if self.weights is None else self.weights.to(device, non_blocking=True)
         return JaggedBatch(self.keys, self.values.to(device, non_blocking=True),

@@ -84,9 +84,7 @@ class LocalEmbeddings(EmbeddingPart):
     def forward(self, sparse: JaggedBatch) -> torch.Tensor:
         check_ids(sparse, self.specs)
         batch = sparse.batch_size
-        vals = torch.split(sparse.values, sparse.length_per_key())
-        lens = sparse.lengths.view(len(self.specs), batch)
-        wts = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
+        vals, lens, wts = sparse.per_key()
         out: list[torch.Tensor | None] = [None] * len(self.specs)
         for g, dim in enumerate(self.groups):
             idx = [i for i, s in enumerate(self.specs) if s.dim == dim]

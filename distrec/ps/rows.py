@@ -63,9 +63,7 @@ class PulledEmbeddings(EmbeddingPart):
     def forward(self, sparse: JaggedBatch) -> torch.Tensor:
         check_ids(sparse, self.specs)
         batch = sparse.batch_size
-        vals = torch.split(sparse.values, sparse.length_per_key())
-        lens = sparse.lengths.view(len(self.specs), batch)
-        wts = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
+        vals, lens, wts = sparse.per_key()
         out = []
         for t in range(len(self.specs)):
             offsets = torch.cat([lens.new_zeros(1), torch.cumsum(lens[t], 0)[:-1]])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 from distrec.bench.compare import compare
 from distrec.bench.matrix import ModelSpec, RunSpec, QUICK, sweep

@@ -10,7 +10,6 @@ report leads back to the exact command that produced it.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shlex
 import signal

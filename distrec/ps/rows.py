@@ -62,7 +62,6 @@ class PulledEmbeddings(EmbeddingPart):
 
     def forward(self, sparse: JaggedBatch) -> torch.Tensor:
         check_ids(sparse, self.specs)
-        batch = sparse.batch_size
         vals, lens, wts = sparse.per_key()
         out = []
         for t in range(len(self.specs)):

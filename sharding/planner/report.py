@@ -100,7 +100,7 @@ def format_summary(result: PlanResult) -> str:
         counts[kind] = counts.get(kind, 0) + 1
     slowest = max(result.ranks, key=lambda r: r.time.total)
     return "\n".join([
-        f"tables: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
+        "tables: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
         f"imbalance: slowest rank {slowest.rank} is {result.imbalance * 100:.1f} % above the mean "
         f"({result.step_s * 1e3:.2f} vs {result.mean_step_s * 1e3:.2f} ms)",
         f"largest rank memory: {max(r.memory.total for r in result.ranks) / GB:.2f} of {topo.hbm_bytes / GB:.2f} GB",

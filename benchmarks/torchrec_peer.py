@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from distrec.config import load_config, table_specs  # noqa: E402
 from distrec.data.loader import Batch  # noqa: E402
 from distrec.data.synth import zipf_ids  # noqa: E402
+from sharding.comm import close_process_group, init_process_group  # noqa: E402
 from sharding.jagged import JaggedBatch  # noqa: E402
 from sharding.types import TableConfig  # noqa: E402
 
@@ -222,7 +223,7 @@ def _rank_entry(fn, rank: int, world: int, workdir: str, args: tuple) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     store = dist.FileStore(os.path.join(workdir, "store"), world)
-    dist.init_process_group("gloo", rank=rank, world_size=world, store=store, timeout=COLLECTIVE_TIMEOUT)
+    init_process_group("gloo", rank=rank, world_size=world, store=store, timeout=COLLECTIVE_TIMEOUT)
     try:
         result = {"ok": fn(rank, world, *args)}
     except Exception:
@@ -231,7 +232,7 @@ def _rank_entry(fn, rank: int, world: int, workdir: str, args: tuple) -> None:
     with open(tmp, "w") as f:
         json.dump(result, f)
     os.replace(tmp, os.path.join(workdir, f"rank{rank}.json"))  # written before teardown, which may abort
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def _read_result(workdir: str, rank: int) -> dict | None:

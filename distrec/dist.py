@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from distrec.config import ConfigError
+from sharding.comm import close_process_group, init_process_group
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
@@ -75,8 +76,7 @@ def init_distributed(device_pref: str = "auto", engine: str = "ddp") -> DistCont
         return DistContext(0, 1, 0, device, "none")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
+        init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
@@ -120,5 +120,5 @@ def barrier(ctx: DistContext) -> None:
 def shutdown(ctx: DistContext) -> None:
     if ctx.backend == "horovod":
         ctx.group.hvd.shutdown()
-    elif ctx.backend != "none" and dist.is_initialized():
-        dist.destroy_process_group()
+    elif ctx.backend != "none":
+        close_process_group()

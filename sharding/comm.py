@@ -7,8 +7,32 @@ With one rank (no process group) every exchange is the identity, so the runtime 
 """
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.distributed as dist
+
+
+def init_process_group(backend: str, **kwargs) -> None:
+    """``torch.distributed.init_process_group``, so that ``close_process_group`` can free the group.
+
+        init_process_group("gloo", rank=rank, world_size=2, store=dist.FileStore(path, 2))
+    """
+    # Importing torch._dynamo once a group exists (DDP's constructor does) leaves a reference to the
+    # group that destroy_process_group does not drop; imported first, it holds none.
+    import torch._dynamo  # noqa: F401
+
+    dist.init_process_group(backend, **kwargs)
+
+
+def close_process_group() -> None:
+    """Destroy every group and free them now: their worker threads are joined here, while the
+    interpreter runs. Left to the interpreter's exit, a gloo worker still releasing a finished
+    collective's tensors needs the GIL after it is gone, and the process aborts ("terminate called
+    without an active exception") after its work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()  # the groups' last references may sit in reference cycles (DDP's hooks)
 
 
 class HorovodGroup:

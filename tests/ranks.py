@@ -14,16 +14,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sharding.comm import close_process_group, init_process_group
+
 
 def _entry(rank: int, world: int, store_dir: str, fn, args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     store = dist.FileStore(os.path.join(store_dir, "store"), world)
-    dist.init_process_group("gloo", rank=rank, world_size=world, store=store)
+    init_process_group("gloo", rank=rank, world_size=world, store=store)
     try:
         torch.save(fn(rank, world, *args), os.path.join(store_dir, f"result{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def run_ranks(world: int, fn, *args) -> list:

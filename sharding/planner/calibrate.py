@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sharding.comm import close_process_group, init_process_group
 from sharding.optim import OptimSpec
 from sharding.planner.estimate import estimate_plan, replica_sync_bytes
 from sharding.planner.types import DenseCost, Piece, PlannerError, Topology, Workload
@@ -102,7 +103,7 @@ def calibrate(spec: CalibrationSpec) -> dict:
 def _rank_main(rank: int, spec: CalibrationSpec, folder: str) -> None:
     torch.set_num_threads(1)  # torchrun's default with several ranks per machine (OMP_NUM_THREADS=1)
     store = dist.FileStore(os.path.join(folder, "store"), spec.world_size)
-    dist.init_process_group("gloo", rank=rank, world_size=spec.world_size, store=store)
+    init_process_group("gloo", rank=rank, world_size=spec.world_size, store=store)
     try:
         out = {"alltoall": _time_alltoall(spec), "dense": _time_dense(spec),
                "runtime": [_time_runtime(spec, rank, "table_wise", b) for b in spec.batches()]}
@@ -112,7 +113,7 @@ def _rank_main(rank: int, spec: CalibrationSpec, folder: str) -> None:
             out["full"] = [_timed(_factory(spec.full_step)(spec.batch_per_rank, *spec.dense_args))]
         Path(folder, f"rank{rank}.json").write_text(json.dumps(out))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def _timed(fn, repeats: int = REPEATS) -> float:

@@ -305,7 +305,7 @@ def train_step_table_wise(batch: int, config: str | None, overrides: tuple[str, 
     from distrec.dist import DistContext
     from distrec.loop import train_step
     from distrec.model.dlrm import DLRM
-    from distrec.optim import make_optimizers
+    from distrec.optim import make_optimizers, sparse_spec
     from distrec.train import wrap_dense
     from sharding.jagged import JaggedBatch
     from sharding.plan import simple_plan
@@ -316,10 +316,11 @@ def train_step_table_wise(batch: int, config: str | None, overrides: tuple[str, 
     specs = table_specs(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     tables = [TableConfig(s.name, min(s.num_rows, LOOKUP_ROWS), s.dim, s.pooling) for s in specs]
-    emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, "table_wise"), rank=rank)
+    emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, "table_wise"), rank=rank,
+                                     optim=sparse_spec(cfg.optimizer), kernel=cfg.plan.kernel)
     model = DLRM.from_config(cfg, emb)
-    optimizers = make_optimizers(cfg.optimizer, model)
-    ddp = wrap_dense(model, DistContext(rank, world, rank, torch.device("cpu"), "gloo"))
+    ddp, optimizers = wrap_dense(model, make_optimizers(cfg.optimizer, model),
+                                 DistContext(rank, world, rank, torch.device("cpu"), "gloo"))
     per_bag = [max(round(x), 1) for x in pooling_factors(cfg, specs).values()]
     values = torch.cat([torch.randint(0, t.num_rows, (batch * n,)) for t, n in zip(tables, per_bag)])
     lengths = torch.tensor(per_bag).repeat_interleave(batch)

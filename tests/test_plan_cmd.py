@@ -10,6 +10,7 @@ import pytest
 
 from distrec.config import load_config, table_specs
 from sharding.plan import load_plan
+from sharding.planner.calibrate import load_calibration
 from sharding.types import ShardingType, TableConfig
 from distrec.cli import main
 from tests.conftest import REPO, run_cli
@@ -84,3 +85,19 @@ def test_planned_json_trains_on_two_ranks(small_data, tmp_path, capsys):
         assert float(estimated) == pytest.approx(float(measured), rel=0.10)
     assert re.search(r"plan check: step time estimated [\d.]+ ms \(cpu, uncalibrated", r.stdout)
     assert r.stdout.strip().splitlines()[-1].startswith("final: step 3 | auc")
+
+
+def test_calibrate_measures_on_two_ranks_and_later_estimates_use_it(small_data, tmp_path, capsys):
+    cfg_path, _ = small_data
+    rates = tmp_path / "calibration.json"
+    r = plan_cli(capsys, "plan", "--calibrate", "--gpus", "2", "--preset", "cpu", "--config", str(cfg_path),
+                 "--calibration", str(rates))
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"whole training step [\d.]+ ms, [-+][\d.]+ ms beyond its parts", r.stdout)
+    measured = load_calibration(rates, "cpu")
+    assert measured["lookup_bytes_per_s"] > 0 and measured["alltoall_bytes_per_s"] > 0
+    assert set(measured["raw_seconds"]) == {"alltoall", "dense", "runtime", "replicated", "full"}
+    r = plan_cli(capsys, "plan", "--gpus", "2", "--preset", "cpu", "--config", str(cfg_path),
+                 "--calibration", str(rates))
+    assert r.returncode == 0, r.stderr
+    assert f"calibrated from {rates}" in r.stdout

@@ -297,33 +297,67 @@ def dense_step(batch: int, config: str | None, overrides: tuple[str, ...]):
 
 def train_step_table_wise(batch: int, config: str | None, overrides: tuple[str, ...]):
     """One step of the trainer (``distrec.loop.train_step``: the DLRM under DDP, the sharded runtime
-    with the tables table-wise, both optimizers) on synthetic ids, in a calibration rank: the whole
-    step that ``--calibrate`` compares with its parts."""
+    with the tables table-wise, both optimizers) on the batches ``step_batches`` gives, in a
+    calibration rank: the whole step that ``--calibrate`` compares with its parts."""
     import torch.distributed as dist
 
-    from distrec.data.loader import Batch
     from distrec.dist import DistContext
     from distrec.loop import train_step
     from distrec.model.dlrm import DLRM
     from distrec.optim import make_optimizers, sparse_spec
     from distrec.train import wrap_dense
-    from sharding.jagged import JaggedBatch
     from sharding.plan import simple_plan
     from sharding.planner.calibrate import LOOKUP_ROWS
     from sharding.runtime import ShardedEmbeddingCollection
 
     cfg = load_config(config, list(overrides))
     specs = table_specs(cfg)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), dist.get_rank(), torch.device("cpu"), "gloo")
     tables = [TableConfig(s.name, min(s.num_rows, LOOKUP_ROWS), s.dim, s.pooling) for s in specs]
-    emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, "table_wise"), rank=rank,
+    emb = ShardedEmbeddingCollection(tables, simple_plan(tables, ctx.world_size, "table_wise"), rank=ctx.rank,
                                      optim=sparse_spec(cfg.optimizer), kernel=cfg.plan.kernel)
     model = DLRM.from_config(cfg, emb)
-    ddp, optimizers = wrap_dense(model, make_optimizers(cfg.optimizer, model),
-                                 DistContext(rank, world, rank, torch.device("cpu"), "gloo"))
+    ddp, optimizers = wrap_dense(model, make_optimizers(cfg.optimizer, model), ctx)
+    batches = step_batches(cfg, specs, tables, batch, ctx)
+    return lambda: train_step(ddp, emb, optimizers, next(batches), batch * ctx.world_size)
+
+
+SYNTHETIC_BATCHES = 8  # taken in turn, so that a step does not find the previous one's rows in cache
+
+
+def step_batches(cfg: Config, specs: list[TableSpec], tables: list[TableConfig], batch: int, ctx):
+    """Endless per-rank batches of ``batch`` rows for the calibration's whole step: the config's training
+    data read by the trainer's own loader when it is there at that batch size (its reading and decoding
+    share the machine with the step, as in training), else synthetic ids."""
+    from distrec.data.loader import Batch
+    from distrec.data.manifest import read_manifest
+    from distrec.train import make_loader
+    from sharding.jagged import JaggedBatch
+
+    if _is_training_data(cfg, specs, tables) and cfg.train.global_batch_size == batch * ctx.world_size:
+        if ctx.is_main:
+            print(f"whole training step on {cfg.data.path} through the trainer's loader", flush=True)
+        loader = make_loader(cfg, read_manifest(cfg.data.path), cfg.data.train_split, ctx, train=True)
+        return itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
     per_bag = [max(round(x), 1) for x in pooling_factors(cfg, specs).values()]
-    values = torch.cat([torch.randint(0, t.num_rows, (batch * n,)) for t, n in zip(tables, per_bag)])
     lengths = torch.tensor(per_bag).repeat_interleave(batch)
-    data = Batch(torch.randn(batch, len(cfg.schema.dense)), JaggedBatch([t.name for t in tables], values, lengths),
-                 torch.randint(0, 2, (batch,)).float())
-    return lambda: train_step(ddp, emb, optimizers, data, batch * world)
+    synthetic = [Batch(torch.randn(batch, len(cfg.schema.dense)),
+                       JaggedBatch([t.name for t in tables], torch.cat(
+                           [torch.randint(0, t.num_rows, (batch * n,)) for t, n in zip(tables, per_bag)]), lengths),
+                       torch.randint(0, 2, (batch,)).float()) for _ in range(SYNTHETIC_BATCHES)]
+    return itertools.cycle(synthetic)
+
+
+def _is_training_data(cfg: Config, specs: list[TableSpec], tables: list[TableConfig]) -> bool:
+    """Whether ``cfg.data.path`` holds data of the config's schema whose ids fit ``tables``."""
+    from distrec.data.manifest import DataError, check_schema, read_manifest
+
+    if not Path(cfg.data.path, "manifest.json").exists():
+        return False
+    try:
+        manifest = read_manifest(cfg.data.path)
+        check_schema(manifest, cfg.schema.label, cfg.schema.dense, cfg.schema.categorical, cfg.source)
+    except DataError:
+        return False
+    have = manifest.get("cardinalities", {})
+    return all(have.get(s.name, 0) <= t.num_rows for s, t in zip(specs, tables))

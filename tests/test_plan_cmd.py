@@ -87,17 +87,20 @@ def test_planned_json_trains_on_two_ranks(small_data, tmp_path, capsys):
     assert r.stdout.strip().splitlines()[-1].startswith("final: step 3 | auc")
 
 
-def test_calibrate_measures_on_two_ranks_and_later_estimates_use_it(small_data, tmp_path, capsys):
-    cfg_path, _ = small_data
+@pytest.mark.parametrize("with_data", [True, False], ids=["training-data", "synthetic"])
+def test_calibrate_measures_on_two_ranks_and_later_estimates_use_it(small_data, tmp_path, capfd, with_data):
+    """The whole step reads the config's training data through the trainer's loader when it is there."""
+    cfg_path, data = small_data
     rates = tmp_path / "calibration.json"
-    r = plan_cli(capsys, "plan", "--calibrate", "--gpus", "2", "--preset", "cpu", "--config", str(cfg_path),
-                 "--calibration", str(rates))
+    r = plan_cli(capfd, "plan", "--calibrate", "--gpus", "2", "--preset", "cpu", "--config", str(cfg_path),
+                 "--calibration", str(rates), f"--data.path={data if with_data else tmp_path / 'none'}")
     assert r.returncode == 0, r.stderr
+    assert (f"whole training step on {data} through the trainer's loader" in r.stdout) == with_data
     assert re.search(r"whole training step [\d.]+ ms, [-+][\d.]+ ms beyond its parts", r.stdout)
     measured = load_calibration(rates, "cpu")
     assert measured["lookup_bytes_per_s"] > 0 and measured["alltoall_bytes_per_s"] > 0
     assert set(measured["raw_seconds"]) == {"alltoall", "dense", "runtime", "replicated", "full"}
-    r = plan_cli(capsys, "plan", "--gpus", "2", "--preset", "cpu", "--config", str(cfg_path),
+    r = plan_cli(capfd, "plan", "--gpus", "2", "--preset", "cpu", "--config", str(cfg_path),
                  "--calibration", str(rates))
     assert r.returncode == 0, r.stderr
     assert f"calibrated from {rates}" in r.stdout

@@ -17,9 +17,10 @@ sizes (the slope is the rate, the intercept the fixed cost), the slowest rank co
 - dense: the model's dense step (a caller-given factory, e.g. distrec's DLRM without its tables, or
   the Linear layers alone) -> FLOP/s;
 - the whole training step (a caller-given factory: the trainer's step with the tables placed
-  table-wise), once at the per-rank batch: what it takes beyond the runtime and the dense step
-  measured apart (the data-parallel all-reduce of the MLPs, the loss, caches the two evict from each
-  other) joins the fixed cost per step, so the calibrated estimate of that step is what was measured;
+  table-wise, on its own input path), once at the per-rank batch: what it takes beyond the runtime and
+  the dense step measured apart (the data-parallel all-reduce of the MLPs, the loss, reading the input,
+  caches the two evict from each other) joins the fixed cost per step, so the calibrated estimate of
+  that step is what was measured;
 - the same runtime with the tables replicated, once at the per-rank batch: what is left after its
   lookups, all-reduces and the fixed cost is the replicas' gradient sync (coalesce, buffer passes),
   whose rate becomes ``replica_efficiency``.

@@ -330,14 +330,14 @@ def step_batches(cfg: Config, specs: list[TableSpec], tables: list[TableConfig],
     data read by the trainer's own loader when it is there at that batch size (its reading and decoding
     share the machine with the step, as in training), else synthetic ids."""
     from distrec.data.loader import Batch
-    from distrec.data.manifest import read_manifest
     from distrec.train import make_loader
     from sharding.jagged import JaggedBatch
 
-    if _is_training_data(cfg, specs, tables) and cfg.train.global_batch_size == batch * ctx.world_size:
+    manifest = _training_manifest(cfg, specs, tables)
+    if manifest and cfg.train.global_batch_size == batch * ctx.world_size:
         if ctx.is_main:
             print(f"whole training step on {cfg.data.path} through the trainer's loader", flush=True)
-        loader = make_loader(cfg, read_manifest(cfg.data.path), cfg.data.train_split, ctx, train=True)
+        loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
         return itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
     per_bag = [max(round(x), 1) for x in pooling_factors(cfg, specs).values()]
     lengths = torch.tensor(per_bag).repeat_interleave(batch)
@@ -348,16 +348,16 @@ def step_batches(cfg: Config, specs: list[TableSpec], tables: list[TableConfig],
     return itertools.cycle(synthetic)
 
 
-def _is_training_data(cfg: Config, specs: list[TableSpec], tables: list[TableConfig]) -> bool:
-    """Whether ``cfg.data.path`` holds data of the config's schema whose ids fit ``tables``."""
+def _training_manifest(cfg: Config, specs: list[TableSpec], tables: list[TableConfig]) -> dict | None:
+    """The manifest of ``cfg.data.path`` if it holds data of the config's schema whose ids fit ``tables``."""
     from distrec.data.manifest import DataError, check_schema, read_manifest
 
     if not Path(cfg.data.path, "manifest.json").exists():
-        return False
+        return None
     try:
         manifest = read_manifest(cfg.data.path)
         check_schema(manifest, cfg.schema.label, cfg.schema.dense, cfg.schema.categorical, cfg.source)
     except DataError:
-        return False
+        return None
     have = manifest.get("cardinalities", {})
-    return all(have.get(s.name, 0) <= t.num_rows for s, t in zip(specs, tables))
+    return manifest if all(have.get(s.name, 0) <= t.num_rows for s, t in zip(specs, tables)) else None

@@ -138,16 +138,21 @@ def test_forward_matches_reference(pooling, weighted):
     assert empty.any()
 
 
+def train_three_steps_against(tbe, ref, seed: int, weighted: bool) -> None:
+    """Three training steps on both: the same outputs each step, then the same tables and optimizer state."""
+    for step in range(3):
+        batch = make_batch(seed=seed + step, weighted=weighted)
+        torch.testing.assert_close(train_step(tbe, *batch), ref.train_step(*batch), **TOL)
+    assert_same_tables(tbe, ref)
+    assert_same_states(tbe, ref)
+
+
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_training_matches_reference(kind, weighted):
     tbe = TritonTBE(SHAPES, OptimSpec(kind, **OPTIM))
     ref = Reference(tbe.table_weights(), tbe.optim)
-    for step in range(3):
-        batch = make_batch(seed=10 + step, weighted=weighted)
-        torch.testing.assert_close(train_step(tbe, *batch), ref.train_step(*batch), **TOL)
-    assert_same_tables(tbe, ref)
-    assert_same_states(tbe, ref)
+    train_three_steps_against(tbe, ref, seed=10, weighted=weighted)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -157,22 +162,14 @@ def test_long_runs_summed_in_pieces_match_reference(kind):
     tbe = TritonTBE(SHAPES, OptimSpec(kind, **OPTIM))
     tbe.long_run_ids, tbe.piece_ids = 1, 2
     ref = Reference(tbe.table_weights(), tbe.optim)
-    for step in range(3):
-        batch = make_batch(seed=70 + step, weighted=True)
-        torch.testing.assert_close(train_step(tbe, *batch), ref.train_step(*batch), **TOL)
-    assert_same_tables(tbe, ref)
-    assert_same_states(tbe, ref)
+    train_three_steps_against(tbe, ref, seed=70, weighted=True)
 
 
 def test_mean_pooling_training_matches_reference():
     tbe = TritonTBE(SHAPES, OptimSpec("rowwise_adagrad", **OPTIM), pooling="mean")
     tbe.long_run_ids, tbe.piece_ids = 2, 3  # both paths: short runs summed in place, long ones in pieces
     ref = Reference(tbe.table_weights(), tbe.optim, pooling="mean")
-    for step in range(3):
-        batch = make_batch(seed=20 + step, weighted=False)
-        torch.testing.assert_close(train_step(tbe, *batch), ref.train_step(*batch), **TOL)
-    assert_same_tables(tbe, ref)
-    assert_same_states(tbe, ref)
+    train_three_steps_against(tbe, ref, seed=20, weighted=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -5,22 +5,109 @@ one plain process when there is neither.
     ctx = init_distributed("cpu", "horovod")     # under horovodrun: Horovod (Gloo controller here)
     ctx.rank, ctx.world_size, ctx.device, ctx.group   # group: what the sharded runtime exchanges over
 
-The trainer's few collectives outside the hot path (metric sums, eval gathers, checkpoint barriers) go
-through the helpers here, so they follow whichever engine runs.
+The trainer's few collectives outside the hot path (metric sums, eval gathers, checkpoint barriers) and
+the dense part's wrapper go through ``ctx.engine``, chosen once from the backend (``_engine``), so they
+follow whichever engine runs.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from distrec.config import ConfigError
+from distrec.dense_parallel import ddp_dense, horovod_dense
 from sharding.comm import close_process_group, init_process_group
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+class OneProcess:
+    """The engine of a plain process: every collective is the identity."""
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def all_gather_object(self, obj) -> list:
+        return [obj]
+
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def wrap_dense(self, model, optimizers: list, timer=None):
+        return model, optimizers
+
+
+class TorchDistributed(OneProcess):
+    """torch.distributed (gloo or NCCL) under torchrun; the dense part under DDP."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.as_tensor(p) for p in self.all_gather_object(t)])
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def shutdown(self) -> None:
+        close_process_group()
+
+    def wrap_dense(self, model, optimizers: list, timer=None):
+        return ddp_dense(model, optimizers, timer)
+
+
+class Horovod(OneProcess):
+    """Horovod under horovodrun; the dense part under hvd.DistributedOptimizer."""
+
+    def __init__(self, hvd):
+        self.hvd = hvd
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.hvd.allreduce(t, op=self.hvd.Sum)
+
+    def all_gather_object(self, obj) -> list:
+        return self.hvd.allgather_object(obj)
+
+    def all_gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return self.hvd.allgather(t)
+
+    def barrier(self) -> None:
+        self.hvd.barrier()
+
+    def shutdown(self) -> None:
+        self.hvd.shutdown()
+
+    def wrap_dense(self, model, optimizers: list, timer=None):
+        return horovod_dense(model, optimizers, self.hvd)
+
+
+def _engine(backend: str, device: torch.device, group):
+    """The one place that decides between a plain process, torch.distributed and Horovod."""
+    if backend == "none":
+        return OneProcess()
+    if backend == "horovod":
+        return Horovod(group.hvd)
+    return TorchDistributed(device)
 
 
 @dataclass
@@ -31,6 +118,10 @@ class DistContext:
     device: torch.device
     backend: str  # "gloo" | "nccl" | "horovod" | "none" (one process, no process group)
     group: object = None  # for the sharded runtime: None (torch's default group) or a HorovodGroup
+    engine: OneProcess = field(init=False, repr=False)  # the collectives, chosen from ``backend``
+
+    def __post_init__(self):
+        self.engine = _engine(self.backend, self.device, self.group)
 
     @property
     def is_main(self) -> bool:
@@ -81,44 +172,22 @@ def init_distributed(device_pref: str = "auto", engine: str = "ddp") -> DistCont
 
 
 def all_reduce_sum(values: list[float], ctx: DistContext) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if ctx.backend == "horovod":
-        t = ctx.group.hvd.allreduce(t, op=ctx.group.hvd.Sum)
-    elif ctx.backend != "none":
-        t = t.to(ctx.device)
-        dist.all_reduce(t)
-    return t.cpu().tolist()
+    return ctx.engine.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def all_gather_object(obj, ctx: DistContext) -> list:
     """Every rank's ``obj``, in rank order, on every rank."""
-    if ctx.backend == "horovod":
-        return ctx.group.hvd.allgather_object(obj)
-    if ctx.backend == "none":
-        return [obj]
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    return ctx.engine.all_gather_object(obj)
 
 
 def all_gather_rows(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """Every rank's [rows, ...] tensor concatenated in rank order (row counts may differ)."""
-    if ctx.backend == "horovod":
-        return ctx.group.hvd.allgather(t)
-    if ctx.backend == "none":
-        return t
-    return torch.cat([torch.as_tensor(p) for p in all_gather_object(t, ctx)])
+    return ctx.engine.all_gather_rows(t)
 
 
 def barrier(ctx: DistContext) -> None:
-    if ctx.backend == "horovod":
-        ctx.group.hvd.barrier()
-    elif ctx.backend != "none":
-        dist.barrier()
+    ctx.engine.barrier()
 
 
 def shutdown(ctx: DistContext) -> None:
-    if ctx.backend == "horovod":
-        ctx.group.hvd.shutdown()
-    elif ctx.backend != "none":
-        close_process_group()
+    ctx.engine.shutdown()

@@ -11,14 +11,12 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distrec.checkpoint import open_latest, save_sharded
 from distrec.config import Config, ConfigError, dump_toml, load_config, table_specs, to_dict
-from distrec.data.loader import Columns, ParquetLoader
-from distrec.data.manifest import DataError, check_schema, read_manifest, split_files
+from distrec.data.loader import ParquetLoader, make_loader
+from distrec.data.manifest import DataError, check_schema, read_manifest
+from distrec.dense_parallel import wrap_dense
 from distrec.dist import DistContext, all_gather_object, all_reduce_sum, init_distributed, shutdown
 from distrec.logs import MetricsLog, write_resolved_config
 from distrec.loop import Position, evaluate, pipelined, restore, train_step, training_state
@@ -31,16 +29,6 @@ from sharding.runtime import InputError, ShardedEmbeddingCollection
 from sharding.types import PlanError, TableConfig
 
 
-def make_loader(cfg: Config, manifest: dict, split: str, ctx: DistContext, train: bool) -> ParquetLoader:
-    s = cfg.schema
-    return ParquetLoader(
-        split_files(cfg.data.path, manifest, split), Columns(s.label, s.dense, s.categorical),
-        global_batch_size=cfg.train.global_batch_size if train else cfg.eval.batch_size,
-        rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed, shuffle=train and cfg.data.shuffle,
-        drop_last=train and cfg.data.drop_last, prefetch_batches=cfg.data.prefetch_batches,
-        max_rows=0 if train else cfg.eval.max_rows)
-
-
 def check_cardinalities(cfg: Config, manifest: dict, specs) -> None:
     """Tables smaller than the data's id range would fail deep inside the lookup: say so up front."""
     for spec in specs:
@@ -48,47 +36,6 @@ def check_cardinalities(cfg: Config, manifest: dict, specs) -> None:
         if have > spec.num_rows:
             raise ConfigError(f"{cfg.source}: table {spec.name} has {spec.num_rows} rows but the data in "
                               f"{cfg.data.path} has ids up to {have - 1}; raise tables.cardinalities")
-
-
-def _sum_gradients(state, bucket):  # unannotated: DDP checks annotations, which are strings here
-    """DDP communication hook: sum over ranks instead of averaging (see loop.train_step)."""
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
-
-
-def _timed_sum_gradients(timer, bucket):
-    """The same, adding each bucket's all-reduce time (call to completion) to the profile."""
-    start = time.perf_counter()
-
-    def done(f):
-        timer.add("grad_allreduce", time.perf_counter() - start)
-        return f.value()[0]
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(done)
-
-
-def wrap_dense(model: DLRM, optimizers: list, ctx: DistContext, timer: PhaseTimer | None = None) -> tuple[nn.Module, list]:
-    """(model to call, optimizers) with the dense part's gradients summed over ranks: by DDP, or by
-    Horovod's DistributedOptimizer. Embedding shards differ per rank and get their gradients by
-    all-to-all (shards) or all-reduce (replicas) in the sharded runtime, so both leave them alone."""
-    if ctx.backend == "none":
-        return model, optimizers
-    if ctx.backend == "horovod":
-        return model, [_horovod_dense(model, optimizers[0], ctx.group.hvd), *optimizers[1:]]
-    # Buffers too: DDP would otherwise broadcast rank 0's kernel metadata (fbgemm's row offsets) to all.
-    ignore = [f"embeddings.{name}" for name, _ in [*model.embeddings.named_parameters(),
-                                                    *model.embeddings.named_buffers()]]
-    DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
-    ddp = DDP(model)
-    if timer is None:
-        ddp.register_comm_hook(None, _sum_gradients)
-    else:
-        ddp.register_comm_hook(timer, _timed_sum_gradients)
-    return ddp, optimizers
-
-
-def _horovod_dense(model: DLRM, dense_opt, hvd):
-    dense = [(n, p) for n, p in model.named_parameters() if not n.startswith("embeddings.")]
-    hvd.broadcast_parameters(dict(dense), root_rank=0)  # as DDP does when it wraps the model
-    return hvd.DistributedOptimizer(dense_opt, named_parameters=dense, op=hvd.Sum)
 
 
 def run(cfg: Config, ctx: DistContext) -> dict:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from distrec.data.manifest import DataError
+from distrec.data.manifest import DataError, split_files
 from sharding.jagged import JaggedBatch
 
 
@@ -82,6 +82,20 @@ def _take_jagged(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> t
         return values[rows], lengths
     starts = np.repeat(offsets[rows] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
     return values[starts + np.arange(lengths.sum())], lengths
+
+
+def make_loader(cfg, manifest: dict, split: str, ctx, train: bool) -> "ParquetLoader":
+    """The loader of ``split`` for this rank (``ctx``: a DistContext), as the trainer reads it.
+
+        train_loader = make_loader(cfg, read_manifest(cfg.data.path), "train", ctx, train=True)
+    """
+    s = cfg.schema
+    return ParquetLoader(
+        split_files(cfg.data.path, manifest, split), Columns(s.label, s.dense, s.categorical),
+        global_batch_size=cfg.train.global_batch_size if train else cfg.eval.batch_size,
+        rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed, shuffle=train and cfg.data.shuffle,
+        drop_last=train and cfg.data.drop_last, prefetch_batches=cfg.data.prefetch_batches,
+        max_rows=0 if train else cfg.eval.max_rows)
 
 
 class ParquetLoader:

@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distrec.config import TableSpec, load_config, table_specs  # noqa: E402
 from distrec.model.dlrm import DLRM  # noqa: E402
-from distrec.model.embedding import EmbeddingPart  # noqa: E402
 from sharding.jagged import JaggedBatch  # noqa: E402
 from sharding.optim import KINDS, OptimSpec, SparseOptimizer  # noqa: E402
 
@@ -234,8 +233,12 @@ def kernel_rows(rows: list[int], args, peak: float | None, failures: list[str]) 
         free(args.device)
 
 
-class LookupEmbeddings(EmbeddingPart):
+class LookupEmbeddings(nn.Module):
     """DLRM's embedding part on one device: every table in one lookup implementation."""
+
+    @property
+    def dims(self) -> list[int]:
+        return [s.dim for s in self.specs]
 
     def __init__(self, specs: list[TableSpec], impl):
         super().__init__()

@@ -4,8 +4,8 @@ import torch
 
 from distrec.config import TableSpec
 from distrec.model.dlrm import DLRM
-from distrec.model.embedding import IdRangeError, LocalEmbeddings
-from distrec.model.reference import ReferenceDLRM
+from distrec.model.embedding import IdRangeError
+from tests.reference_model import LocalEmbeddings, ReferenceDLRM
 from sharding.jagged import JaggedBatch
 
 

@@ -1,6 +1,6 @@
 """DLRM: bottom MLP over dense features, pooled embeddings, dot (or DCN-v2) interaction, top MLP.
 
-    model = DLRM.from_config(cfg, LocalEmbeddings(table_specs(cfg)))
+    model = DLRM.from_config(cfg, ShardedEmbeddingCollection(tables, plan, rank=0))
     logits = model(batch.dense, batch.sparse)       # [batch]
 
 With no dense features the bottom MLP is absent and only the embeddings interact.

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from distrec.config import TableSpec
-from distrec.model.embedding import EmbeddingPart, check_ids
+from distrec.model.embedding import check_ids
 from sharding.jagged import JaggedBatch
 
 
@@ -44,7 +45,7 @@ class Partition:
         return ids - starts[self.owner(ids, num_rows)]
 
 
-class PulledEmbeddings(EmbeddingPart):
+class PulledEmbeddings(nn.Module):
     """Looks up each table's ids in rows pulled for this batch (``set_rows``), not in whole tables, so
     ``DLRM`` runs unchanged on a worker and the math is the sync model's. The pulled row tensors are
     leaves with ``requires_grad``: after backward their ``.grad`` is the row-sparse gradient to push."""
@@ -55,6 +56,10 @@ class PulledEmbeddings(EmbeddingPart):
         self.mode = "mean" if specs and specs[0].pooling == "mean" else "sum"
         self.unique: list[torch.Tensor] = []
         self.rows: list[torch.Tensor] = []
+
+    @property
+    def dims(self) -> list[int]:
+        return [s.dim for s in self.specs]
 
     def set_rows(self, unique: list[torch.Tensor], rows: list[torch.Tensor]) -> None:
         """``unique[t]``: table t's sorted distinct ids in the batch; ``rows[t]``: their rows."""

@@ -19,6 +19,7 @@ from distrec.data.loader import Batch, ParquetLoader
 from distrec.dist import DistContext
 from distrec.metrics import auc, gather_predictions, logloss
 from sharding.checkpoint import export_shards, import_shards
+from sharding.runtime import InputDist
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Position:
     batch: int = 0
 
 
-def train_step(model: nn.Module, embeddings, optimizers: list[torch.optim.Optimizer], batch: Batch,
+def train_step(model: nn.Module, embeddings, optimizers: list[torch.optim.Optimizer], batch: "Batch | PipelinedBatch",
                global_size: int) -> float:
     """One step on this rank's part of a global batch of ``global_size`` rows; returns the local loss sum.
 
@@ -47,16 +48,31 @@ def train_step(model: nn.Module, embeddings, optimizers: list[torch.optim.Optimi
     return float(loss_sum.detach())
 
 
-def pipelined(batches: Iterator[Batch], embeddings) -> Iterator[Batch]:
-    """Batches whose sparse part is an InputDist started one batch ahead: batch i+1's ids travel to
-    their shards while batch i trains (what TorchRec's TrainPipelineSparseDist does). Every rank starts
-    the same exchanges in the same order, so results equal the unpipelined loop."""
-    def started(b: Batch) -> Batch:
-        return Batch(b.dense, embeddings.start_input_dist(b.sparse), b.labels)
+@dataclass
+class PipelinedBatch:
+    """A batch whose ids are already on their way to their shards (``ShardedEmbeddingCollection``'s
+    ``start_input_dist``); the model takes ``sparse`` as it takes a JaggedBatch."""
 
+    dense: torch.Tensor
+    sparse: InputDist
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def input_wait_s(self) -> float:
+        """How long the lookup waited for the ids: about 0 when the exchange was hidden."""
+        return self.sparse.wait_s
+
+
+def pipelined(batches: Iterator[Batch], embeddings) -> Iterator[PipelinedBatch]:
+    """Batch i+1's ids travel to their shards while batch i trains (what TorchRec's
+    TrainPipelineSparseDist does). Every rank starts the same exchanges in the same order, so results
+    equal the unpipelined loop."""
     current = None
     for batch in batches:
-        upcoming = started(batch)
+        upcoming = PipelinedBatch(batch.dense, embeddings.start_input_dist(batch.sparse), batch.labels)
         if current is not None:
             yield current
         current = upcoming

@@ -7,7 +7,7 @@ breakdown of ``distrec bench``.
     timer.end_step(step_seconds)          # closes the step: its phases become one row
     timer.summary(last=20)                # {"steps": 20, "ms": {"lookup": 1.2, ..., "dense_fwd_bwd": ...}}
 
-Nothing calls it unless the trainer sets ``embeddings.timer`` (off by default), so the hot path pays
+Nothing calls it unless the trainer passes one to the embeddings (off by default), so the hot path pays
 one ``is None`` test per phase.
 """
 from __future__ import annotations

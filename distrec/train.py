@@ -47,11 +47,12 @@ def run(cfg: Config, ctx: DistContext) -> dict:
     plan = load_plan(cfg.plan.file, tables, ctx.world_size) if cfg.plan.file else \
         simple_plan(tables, ctx.world_size, cfg.plan.default, cfg.plan.overrides())
     torch.manual_seed(cfg.train.seed)
+    timer = PhaseTimer() if cfg.train.profile_steps else None
     embeddings = ShardedEmbeddingCollection(tables, plan, rank=ctx.rank, group=ctx.group, seed=cfg.train.seed,
-                                            device=ctx.device, optim=sparse_spec(cfg.optimizer), kernel=cfg.plan.kernel)
+                                            device=ctx.device, optim=sparse_spec(cfg.optimizer), kernel=cfg.plan.kernel,
+                                            timer=timer)
     model = DLRM.from_config(cfg, embeddings).to(ctx.device)
-    embeddings.timer = PhaseTimer() if cfg.train.profile_steps else None
-    ddp, optimizers = wrap_dense(model, make_optimizers(cfg.optimizer, model), ctx, embeddings.timer)
+    ddp, optimizers = wrap_dense(model, make_optimizers(cfg.optimizer, model), ctx, timer)
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
     pos = Position()
@@ -70,10 +71,10 @@ def run(cfg: Config, ctx: DistContext) -> dict:
                                  "metrics.jsonl shows how much of it was not hidden)" if cfg.train.pipeline else "off"))
         if pos.step:
             log.info(f"resumed from {cfg.checkpoint.dir} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
-    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log)
+    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer)
     report_plan_check(cfg, ctx, plan, specs, model.embeddings, result, log)
-    if embeddings.timer is not None:
-        report_breakdown(cfg, ctx, embeddings.timer, log)
+    if timer is not None:
+        report_breakdown(cfg, ctx, timer, log)
     result["bayes_auc"] = manifest.get("bayes_auc")
     log.close()
     return result
@@ -119,9 +120,8 @@ def samples_seen(pos: Position, loader: ParquetLoader) -> int:
     return pos.epoch * loader.num_rows + min(pos.batch * loader.global_batch_size, loader.num_rows)
 
 
-def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log) -> dict:
+def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer=None) -> dict:
     window, G, since_log = Window(), train_loader.global_batch_size, 0
-    timer = model.embeddings.timer
     step_opts = [TimedOptimizer(o, timer) for o in optimizers] if timer is not None else optimizers
     while pos.step < total:
         batches = (b.to(ctx.device) for b in train_loader.epoch(pos.epoch, pos.batch))
@@ -134,7 +134,7 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
             if timer is not None:
                 timer.end_step(time.perf_counter() - started)
             window.rows += len(batch)
-            window.wait_s += getattr(batch.sparse, "wait_s", 0.0)
+            window.wait_s += batch.input_wait_s
             pos.step, pos.batch, since_log = pos.step + 1, pos.batch + 1, since_log + 1
             log.step()
             last = pos.step >= total

@@ -67,7 +67,8 @@ class InputError(ValueError):
 
 class ShardedEmbeddingCollection(nn.Module):
     def __init__(self, tables: list[TableConfig], plan: ShardingPlan, rank: int = 0, group=None, seed: int = 0,
-                 device: torch.device | str = "cpu", optim: OptimSpec | None = None, kernel: str = "auto"):
+                 device: torch.device | str = "cpu", optim: OptimSpec | None = None, kernel: str = "auto",
+                 timer=None):
         super().__init__()
         self.world = world_size(group)
         validate_plan(plan, tables, self.world)
@@ -95,7 +96,7 @@ class ShardedEmbeddingCollection(nn.Module):
         self._blocks_in_table_order = not self.replicated and all(
             [(p.table, p.shard.col_start, p.shard.width) for p in shards] == full for shards in self.dst_shards)
         self._routing()
-        self.timer = None  # an optional phase timer (distrec.phases.PhaseTimer): off unless a profiler sets it
+        self.timer = timer  # an optional phase timer (distrec.phases.PhaseTimer) for the step-time breakdown
         self.to(device)
 
     # ---- input dist -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 from distrec.config import load_config
 from distrec.data.manifest import read_manifest
 from distrec.data.synth import synthesize
-from distrec.train import make_loader
+from distrec.data.loader import make_loader
 from distrec.dist import DistContext
 
 import torch

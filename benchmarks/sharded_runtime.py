@@ -109,7 +109,7 @@ def comm_rank(rank: int, world: int, steps: int) -> tuple[float, float]:
     """(seconds per DLRM training step, seconds of it in the runtime's all-to-alls) on this rank."""
     from distrec.dist import DistContext
     from distrec.data.loader import Batch
-    from distrec.train import wrap_dense
+    from distrec.dense_parallel import wrap_dense
 
     tables, cfg = demo_tables()
     emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, "row_wise"), rank=rank, seed=0,

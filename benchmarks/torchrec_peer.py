@@ -96,7 +96,7 @@ def distrec_rank(rank: int, world: int, plan_kind: str, steps: int, kernel: str)
     from distrec.dist import DistContext
     from distrec.loop import train_step
     from distrec.model.dlrm import DLRM
-    from distrec.train import wrap_dense
+    from distrec.dense_parallel import wrap_dense
     from sharding.optim import OptimSpec
     from sharding.plan import simple_plan
     from sharding.runtime import EmbeddingOptimizer, ShardedEmbeddingCollection

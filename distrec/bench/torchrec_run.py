@@ -145,7 +145,7 @@ def run(cfg, strategy: str, result_path: str) -> None:
     from distrec.config import table_specs
     from distrec.data.manifest import read_manifest
     from distrec.dist import DistContext, all_gather_object
-    from distrec.train import make_loader
+    from distrec.data.loader import make_loader
     from sharding.plan import load_plan, simple_plan
     from sharding.types import TableConfig
 

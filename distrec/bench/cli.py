@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from distrec.bench.matrix import ENGINES, FULL, MODELS, QUICK, STRATEGIES, SweepOptions, sweep
+from sharding.files import atomic_write
 
 QUICK_DATA, FULL_DATA = (150_000, 10_000), (200_000, 10_000)
 
@@ -133,6 +134,4 @@ def data_entry(bench, model: str) -> dict:
 
 
 def save(out: Path, doc: dict) -> None:
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(out / "results.json")
+    atomic_write(out / "results.json", json.dumps(doc, indent=1))

@@ -146,6 +146,7 @@ def run(cfg, strategy: str, result_path: str) -> None:
     from distrec.data.manifest import read_manifest
     from distrec.dist import DistContext, all_gather_object
     from distrec.data.loader import make_loader
+    from sharding.files import atomic_write
     from sharding.plan import load_plan, simple_plan
     from sharding.types import TableConfig
 
@@ -163,9 +164,7 @@ def run(cfg, strategy: str, result_path: str) -> None:
         slowest = max(s for s, _ in per_rank)
         result = {**metrics, "samples_per_s": cfg.train.max_steps * cfg.train.global_batch_size / slowest,
                   "train_seconds": slowest, "peak_rss_bytes": [m for _, m in per_rank]}
-        with open(result_path + ".tmp", "w") as f:
-            json.dump(result, f)
-        os.replace(result_path + ".tmp", result_path)
+        atomic_write(result_path, json.dumps(result))
 
 
 def main(argv: list[str] | None = None) -> int:

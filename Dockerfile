@@ -12,7 +12,7 @@ ARG BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-devel-ubuntu22.04
 FROM ${BASE_IMAGE}
 
 # These three move together; each fbgemm-gpu release loads on one torch minor only (see
-# distrec/doctor.py). torchrec 1.8.0 was released for torch==2.13.0 + fbgemm-gpu==1.8.0 with CUDA 12.6
+# distrec/tools/doctor.py). torchrec 1.8.0 was released for torch==2.13.0 + fbgemm-gpu==1.8.0 with CUDA 12.6
 # and 13.0 builds (pytorch/test-infra#8517); the same minors as the CPU set in constraints.txt.
 ARG CUDA_TAG=cu126
 ARG TORCH_VERSION=2.13.0

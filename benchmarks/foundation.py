@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from distrec.config import load_config
-from distrec.data.manifest import read_manifest
-from distrec.data.synth import synthesize
 from distrec.data.loader import make_loader
-from distrec.dist import DistContext
+from distrec.data.manifest import read_manifest
+from distrec.tools.data.synth import synthesize
+from distrec.trainer.dist import DistContext
 
 import torch
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distrec.data.preprocess import preprocess
+from distrec.tools.data.preprocess import preprocess
 
 
 def _hex_table(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -20,10 +20,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distrec.config import load_config, table_specs  # noqa: E402
-from distrec.data.synth import zipf_ids  # noqa: E402
 from distrec.model.dlrm import DLRM  # noqa: E402
-from distrec.optim import make_optimizers, sparse_spec  # noqa: E402
-from distrec.loop import train_step  # noqa: E402
+from distrec.tools.data.synth import zipf_ids  # noqa: E402
+from distrec.trainer.optim import make_optimizers, sparse_spec  # noqa: E402
+from distrec.trainer.step import train_step  # noqa: E402
 from sharding.jagged import JaggedBatch  # noqa: E402
 from sharding.optim import OptimSpec  # noqa: E402
 from sharding.plan import simple_plan  # noqa: E402
@@ -107,9 +107,9 @@ def timed_exchanges(spent: list[float]):
 
 def comm_rank(rank: int, world: int, steps: int) -> tuple[float, float]:
     """(seconds per DLRM training step, seconds of it in the runtime's all-to-alls) on this rank."""
-    from distrec.dist import DistContext
+    from distrec.trainer.dist import DistContext
     from distrec.data.loader import Batch
-    from distrec.dense_parallel import wrap_dense
+    from distrec.trainer.dense_parallel import wrap_dense
 
     tables, cfg = demo_tables()
     emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, "row_wise"), rank=rank, seed=0,

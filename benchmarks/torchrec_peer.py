@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from distrec.config import load_config, table_specs  # noqa: E402
 from distrec.data.loader import Batch  # noqa: E402
-from distrec.data.synth import zipf_ids  # noqa: E402
+from distrec.tools.data.synth import zipf_ids  # noqa: E402
 from sharding.comm import close_process_group, init_process_group  # noqa: E402
 from sharding.jagged import JaggedBatch  # noqa: E402
 from sharding.types import TableConfig  # noqa: E402
@@ -93,10 +93,10 @@ def time_steps(step, batches: list, steps: int) -> dict:
 # ---- distrec ---------------------------------------------------------------------------------------
 
 def distrec_rank(rank: int, world: int, plan_kind: str, steps: int, kernel: str) -> dict:
-    from distrec.dist import DistContext
-    from distrec.loop import train_step
+    from distrec.trainer.dist import DistContext
+    from distrec.trainer.step import train_step
     from distrec.model.dlrm import DLRM
-    from distrec.dense_parallel import wrap_dense
+    from distrec.trainer.dense_parallel import wrap_dense
     from sharding.optim import OptimSpec
     from sharding.plan import simple_plan
     from sharding.runtime import EmbeddingOptimizer, ShardedEmbeddingCollection

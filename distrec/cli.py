@@ -22,7 +22,7 @@ from sharding.types import PlanError
 
 def _synth(args: argparse.Namespace, rest: list[str]) -> int:
     from distrec.config import load_config
-    from distrec.data.synth import synthesize
+    from distrec.tools.data.synth import synthesize
 
     cfg = load_config(args.config, rest)
     manifest = synthesize(cfg, args.out)
@@ -33,31 +33,31 @@ def _synth(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
-    from distrec.data.preprocess import main as preprocess_main
+    from distrec.tools.data.preprocess import main as preprocess_main
 
     return preprocess_main(args, rest)
 
 
 def _doctor(args: argparse.Namespace, rest: list[str]) -> int:
-    from distrec.doctor import main as doctor_main
+    from distrec.tools.doctor import main as doctor_main
 
     return doctor_main()
 
 
 def _reshard(args: argparse.Namespace, rest: list[str]) -> int:
-    from distrec.reshard import main as reshard_main
+    from distrec.tools.reshard import main as reshard_main
 
     return reshard_main(args, rest)
 
 
 def _ps(args: argparse.Namespace, rest: list[str]) -> int:
-    from distrec.ps.launch import main as ps_main
+    from distrec.tools.ps.launch import main as ps_main
 
     return ps_main(args, rest)
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from distrec.bench.cli import main as bench_main
+    from distrec.tools.bench.cli import main as bench_main
 
     try:
         return bench_main(args, rest)
@@ -67,7 +67,7 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _plan(args: argparse.Namespace, rest: list[str]) -> int:
-    from distrec.plan_cmd import main as plan_main
+    from distrec.tools.plan import main as plan_main
 
     return plan_main(args, rest)
 
@@ -83,30 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--config", required=True)
     synth.add_argument("--out", required=True)
     synth.set_defaults(func=_synth)
-    from distrec.data.preprocess import add_arguments as add_preprocess_arguments
+    from distrec.tools.data.preprocess import add_arguments as add_preprocess_arguments
 
     pre = data.add_parser("preprocess", help="Criteo TSV (plain or gzip) -> Parquet shards + manifest")
     add_preprocess_arguments(pre)
     pre.set_defaults(func=_preprocess)
-    from distrec.reshard import add_arguments as add_reshard_arguments
+    from distrec.tools.reshard import add_arguments as add_reshard_arguments
 
     reshard = sub.add_parser("reshard", help="re-cut a checkpoint for another plan / world size, or unshard it",
                              epilog="Further arguments are config overrides for the target plan: --plan.default=...")
     add_reshard_arguments(reshard)
     reshard.set_defaults(func=_reshard)
-    from distrec.ps.launch import add_arguments as add_ps_arguments
+    from distrec.tools.ps.launch import add_arguments as add_ps_arguments
 
     ps = sub.add_parser("ps", help="asynchronous parameter-server training on CPU (torch.distributed.rpc)",
                         epilog="Further arguments are config overrides: --section.key=value")
     add_ps_arguments(ps)
     ps.set_defaults(func=_ps)
-    from distrec.plan_cmd import add_arguments as add_plan_arguments
+    from distrec.tools.plan import add_arguments as add_plan_arguments
 
     plan = sub.add_parser("plan", help="place the embedding tables on N ranks: estimated memory, step time, why",
                           epilog="Further arguments are config overrides: --section.key=value")
     add_plan_arguments(plan)
     plan.set_defaults(func=_plan)
-    from distrec.bench.cli import add_arguments as add_bench_arguments
+    from distrec.tools.bench.cli import add_arguments as add_bench_arguments
 
     bench = sub.add_parser("bench", help="scaling benchmark report: sweep engines, strategies and ranks; "
                            "`bench compare A B`")

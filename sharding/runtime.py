@@ -96,7 +96,7 @@ class ShardedEmbeddingCollection(nn.Module):
         self._blocks_in_table_order = not self.replicated and all(
             [(p.table, p.shard.col_start, p.shard.width) for p in shards] == full for shards in self.dst_shards)
         self._routing()
-        self.timer = timer  # an optional phase timer (distrec.phases.PhaseTimer) for the step-time breakdown
+        self.timer = timer  # an optional phase timer (distrec.trainer.phases.PhaseTimer) for the step-time breakdown
         self.to(device)
 
     # ---- input dist -------------------------------------------------------------------------------

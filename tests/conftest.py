@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from distrec.config import load_config
-from distrec.data.synth import synthesize
+from distrec.tools.data.synth import synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 

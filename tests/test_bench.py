@@ -4,10 +4,10 @@ from __future__ import annotations
 import copy
 import json
 
-from distrec.bench.compare import compare
-from distrec.bench.matrix import ModelSpec, RunSpec, QUICK, sweep
-from distrec.bench.report import write_report
-from distrec.bench.runner import Bench
+from distrec.tools.bench.compare import compare
+from distrec.tools.bench.matrix import ModelSpec, RunSpec, QUICK, sweep
+from distrec.tools.bench.report import write_report
+from distrec.tools.bench.runner import Bench
 from tests.conftest import run_cli
 
 PHASES = {"data_wait": 1.0, "input_a2a": 5.0, "lookup": 3.0, "output_a2a": 4.0, "grad_allreduce": 2.0,

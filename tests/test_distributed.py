@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from distrec.checkpoint import load_latest
+from distrec.trainer.checkpoint import load_latest
 from sharding.checkpoint import whole_tables
 
 from tests.conftest import run_cli

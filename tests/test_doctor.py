@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distrec.doctor import check_fbgemm_dists, check_versions, describe_set, expected_torch
+from distrec.tools.doctor import check_fbgemm_dists, check_versions, describe_set, expected_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX_19 = "pip install -c constraints.txt fbgemm-gpu-cpu==1.8.0"

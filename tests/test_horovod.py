@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from distrec.config import ConfigError
-from distrec.dist import import_horovod
+from distrec.trainer.dist import import_horovod
 from tests.conftest import run_cli
 
 # A mixed plan: every kind of exchange (row-, table-, column-wise, replicas) goes through Horovod.

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from distrec.metrics import auc, expected_auc, logloss
+from distrec.trainer.metrics import auc, expected_auc, logloss
 
 
 def brute_force_auc(scores, labels):

@@ -5,8 +5,8 @@ import torch
 from distrec.config import TableSpec
 from distrec.model.dlrm import DLRM
 from distrec.model.embedding import IdRangeError
-from tests.reference_model import LocalEmbeddings, ReferenceDLRM
 from sharding.jagged import JaggedBatch
+from tests.reference_model import LocalEmbeddings, ReferenceDLRM
 
 
 def specs(dims=(8, 8, 8), rows=(30, 5, 100), pooling="sum"):

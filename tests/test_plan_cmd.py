@@ -8,11 +8,11 @@ import re
 
 import pytest
 
+from distrec.cli import main
 from distrec.config import load_config, table_specs
 from sharding.plan import load_plan
 from sharding.planner.calibrate import load_calibration
 from sharding.types import ShardingType, TableConfig
-from distrec.cli import main
 from tests.conftest import REPO, run_cli
 
 TERABYTE = ["plan", "--config", str(REPO / "configs/criteo_terabyte.toml"), "--calibration", "none"]

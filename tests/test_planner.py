@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distrec.plan_check import measured_bytes
+from distrec.trainer.plan_check import measured_bytes
 from sharding.jagged import JaggedBatch
 from sharding.optim import KINDS, OptimSpec
 from sharding.plan import load_plan, save_plan, simple_plan, validate_plan

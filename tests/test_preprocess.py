@@ -21,7 +21,7 @@ import pytest
 
 from distrec.config import CRITEO_CATEGORICAL, CRITEO_DENSE
 from distrec.data.manifest import DataError, read_manifest
-from distrec.data.preprocess import line_chunks, load_vocab, map_ids, preprocess
+from distrec.tools.data.preprocess import line_chunks, load_vocab, map_ids, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_TRAIN = {"valid_frac": 0.0, "test_frac": 0.0}

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from distrec.ps.rows import Partition
+from distrec.tools.ps.rows import Partition
 from tests.conftest import REPO, run_cli
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from distrec.train import main as train_main
-from distrec.checkpoint import load_latest, open_latest
+from distrec.trainer.checkpoint import load_latest, open_latest
 from sharding.checkpoint import recut
 from sharding.plan import simple_plan
 from sharding.types import PlanError, Shard, TableConfig

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 
 from distrec.config import load_config
 from distrec.data.manifest import read_manifest
-from distrec.data.synth import synthesize, zipf_ids
+from distrec.tools.data.synth import synthesize, zipf_ids
 from tests.conftest import write_config
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distrec import checkpoint as ckpt
+from distrec.trainer import checkpoint as ckpt
 from distrec.train import main
 from tests.conftest import run_cli
 

@@ -47,7 +47,7 @@ class Batch:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
-    input_wait_s = 0.0  # its ids are exchanged inside the step (see loop.PipelinedBatch)
+    input_wait_s = 0.0  # its ids are exchanged inside the step (see trainer.pipeline.PipelinedBatch)
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.dense.to(device, non_blocking=True), self.sparse.to(device),

@@ -17,11 +17,11 @@ import torch
 import torch.distributed.rpc as rpc
 
 from distrec.config import Config, TableSpec
-from distrec.logs import MetricsLog
-from distrec.metrics import auc, logloss
-from distrec.ps.rows import batch_ids
-from distrec.ps.server import dense_model
-from distrec.ps.worker import ServerClient, make_worker_loader
+from distrec.tools.ps.rows import batch_ids
+from distrec.tools.ps.server import dense_model
+from distrec.tools.ps.worker import ServerClient, make_worker_loader
+from distrec.trainer.logs import MetricsLog
+from distrec.trainer.metrics import auc, logloss
 
 
 class Reporter:

@@ -50,7 +50,7 @@ def expected_auc(probs: np.ndarray, scores: np.ndarray) -> float:
 
 def gather_predictions(probs: torch.Tensor, labels: torch.Tensor, ctx) -> tuple[np.ndarray, np.ndarray]:
     """All ranks' (probs, labels) concatenated in rank order, on every rank (``ctx``: a DistContext)."""
-    from distrec.dist import all_gather_rows
+    from distrec.trainer.dist import all_gather_rows
 
     local = torch.stack([probs.detach().float().cpu(), labels.detach().float().cpu()], dim=1)  # [rows, 2]
     both = all_gather_rows(local, ctx).numpy()

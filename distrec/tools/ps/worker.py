@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from distrec.config import Config, TableSpec, table_specs
 from distrec.data.loader import Batch, Columns, ParquetLoader
 from distrec.data.manifest import read_manifest, split_files
-from distrec.ps.rows import Partition, batch_ids
-from distrec.ps.server import dense_model
+from distrec.tools.ps.rows import Partition, batch_ids
+from distrec.tools.ps.server import dense_model
 
 
 class ServerClient:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distrec.bench.matrix import MODELS, PS_STRATEGY, RunSpec, SweepOptions
+from distrec.tools.bench.matrix import MODELS, PS_STRATEGY, RunSpec, SweepOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 ERROR_LINES = 12  # lines of a failed run's output kept in results.json
@@ -65,7 +65,7 @@ class Bench:
                     *placement, "--dense.engine=horovod", f"--train.profile_steps={spec.steps}"]
         if spec.engine == "torchrec":
             strategy = str(self.plan_file(spec)) if spec.strategy == "planner" else spec.strategy
-            return [*torchrun, "-m", "distrec.bench.torchrec_run", *args, "--strategy", strategy,
+            return [*torchrun, "-m", "distrec.tools.bench.torchrec_run", *args, "--strategy", strategy,
                     "--result", str(self.run_dir(spec) / "torchrec.json")]
         return [py, "-m", "distrec", "ps", "--workers", n, "--servers", "1", *args]
 
@@ -160,7 +160,7 @@ def execute(cmd: list[str], run_dir: Path, timeout_s: float, spec: RunSpec) -> d
         code = run_group(cmd, f, timeout_s)
     wall = time.perf_counter() - start
     base = {"command": shlex.join(cmd), "wall_s": wall, "run_dir": str(run_dir)}
-    from distrec.bench.parse import parse_run
+    from distrec.tools.bench.parse import parse_run
 
     try:
         parsed = parse_run(spec, run_dir, log.read_text())

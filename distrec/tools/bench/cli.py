@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from distrec.bench.matrix import ENGINES, FULL, MODELS, QUICK, STRATEGIES, SweepOptions, sweep
+from distrec.tools.bench.matrix import ENGINES, FULL, MODELS, QUICK, STRATEGIES, SweepOptions, sweep
 from sharding.files import atomic_write
 
 QUICK_DATA, FULL_DATA = (150_000, 10_000), (200_000, 10_000)
@@ -59,7 +59,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     if rest:
         raise ValueError(f"unknown arguments {' '.join(rest)}")
     if args.what[:1] == ["compare"]:
-        from distrec.bench.compare import main as compare_main
+        from distrec.tools.bench.compare import main as compare_main
 
         return compare_main(args.what[1:])
     if args.what[:1] == ["report"]:
@@ -72,7 +72,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def redraw(args: argparse.Namespace) -> int:
-    from distrec.bench.report import write_report
+    from distrec.tools.bench.report import write_report
 
     if len(args.what) != 2:
         raise ValueError("usage: distrec bench report RESULTS.json [--out DIR]")
@@ -80,7 +80,7 @@ def redraw(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else path.parent
     doc = json.loads(path.read_text())
     if "projection" not in doc and doc["runs"]:  # a sweep stopped before its end: complete results.json too
-        from distrec.bench.project import projection
+        from distrec.tools.bench.project import projection
 
         doc["projection"] = projection(doc)
         save(path.parent, doc)
@@ -92,10 +92,10 @@ def redraw(args: argparse.Namespace) -> int:
 def run_sweep(args: argparse.Namespace, opts: SweepOptions) -> int:
     from tqdm import tqdm
 
-    from distrec.bench.machine import machine, versions
-    from distrec.bench.project import projection
-    from distrec.bench.report import write_report
-    from distrec.bench.runner import Bench
+    from distrec.tools.bench.machine import machine, versions
+    from distrec.tools.bench.project import projection
+    from distrec.tools.bench.report import write_report
+    from distrec.tools.bench.runner import Bench
 
     out, start = Path(args.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

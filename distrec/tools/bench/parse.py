@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from distrec.bench.matrix import RunSpec
+from distrec.tools.bench.matrix import RunSpec
 
 FINAL = re.compile(r"final: step (\d+) \| auc ([\d.]+) \| logloss ([\d.]+) \| ([\d,.]+) samples/s")
 

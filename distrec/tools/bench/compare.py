@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from distrec.bench.summary import Group, group_runs
+from distrec.tools.bench.summary import Group, group_runs
 
 METRICS = (("samples_per_s", "samples/s", 0), ("auc", "AUC", 4), ("measured_step_ms", "step ms", 1))
 

@@ -26,11 +26,11 @@ import torch.multiprocessing as mp
 
 from distrec.config import Config, ConfigError, dump_toml, load_config, table_specs
 from distrec.data.manifest import read_manifest
-from distrec.logs import MetricsLog, write_resolved_config
-from distrec.ps.coordinator import Reporter, Watchdog, evaluate, fail, fail_process, label
-from distrec.ps.rows import Partition
-from distrec.ps.server import ParamServer
-from distrec.ps.worker import ServerClient, run_worker
+from distrec.tools.ps.coordinator import Reporter, Watchdog, evaluate, fail, fail_process, label
+from distrec.tools.ps.rows import Partition
+from distrec.tools.ps.server import ParamServer
+from distrec.tools.ps.worker import ServerClient, run_worker
+from distrec.trainer.logs import MetricsLog, write_resolved_config
 
 
 def names(cfg: Config) -> list[str]:
@@ -70,7 +70,7 @@ def watch_coordinator(name: str, timeout_s: float) -> None:
 
 def total_steps(cfg: Config) -> int:
     """Global batches to train: the sync trainer's count, so both see the same samples."""
-    from distrec.ps.worker import make_worker_loader
+    from distrec.tools.ps.worker import make_worker_loader
 
     per_epoch = make_worker_loader(cfg, 0, cfg.data.train_split, train=True).num_batches()
     total = per_epoch * cfg.train.epochs

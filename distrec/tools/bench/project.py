@@ -15,8 +15,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from distrec.bench.matrix import MODELS
-from distrec.bench.runner import ROOT
+from distrec.tools.bench.matrix import MODELS
+from distrec.tools.bench.runner import ROOT
 
 GPUS = (8, 16, 64)
 GPUS_PER_NODE = 8
@@ -25,7 +25,7 @@ GPUS_PER_NODE = 8
 def model_inputs(model: str, world: int, batch_per_rank: int):
     """(tables, workload, constraints, dp_max_bytes) of a bench model as the planner sees it."""
     from distrec.config import load_config, table_specs
-    from distrec.plan_cmd import constraints_of, tables_of, workload_of
+    from distrec.trainer.plan_inputs import constraints_of, tables_of, workload_of
 
     m = MODELS[model]
     cfg = load_config(str(ROOT / m.config), list(m.overrides))

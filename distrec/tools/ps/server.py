@@ -18,8 +18,8 @@ from torch import nn
 
 from distrec.config import Config, TableSpec
 from distrec.model.dlrm import DLRM
-from distrec.optim import _dense
-from distrec.ps.rows import Partition, PulledEmbeddings
+from distrec.tools.ps.rows import Partition, PulledEmbeddings
+from distrec.trainer.optim import _dense
 from sharding.optim import SparseOptimizer
 
 

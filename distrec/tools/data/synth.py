@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from distrec.config import Config, TableSpec, table_specs
 from distrec.data.manifest import read_manifest, write_manifest
-from distrec.metrics import auc, expected_auc
+from distrec.trainer.metrics import auc, expected_auc
 
 CALIBRATION_ROWS = 200_000
 SPLIT_STREAMS = {"calibration": 0, "train": 1, "valid": 2}

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from distrec.config import ConfigError
-from distrec.dense_parallel import ddp_dense, horovod_dense
+from distrec.trainer.dense_parallel import ddp_dense, horovod_dense
 from sharding.comm import close_process_group, init_process_group
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distrec.bench.plots import draw_all
-from distrec.bench.summary import Group, group_runs, headline
+from distrec.tools.bench.plots import draw_all
+from distrec.tools.bench.summary import Group, group_runs, headline
 
 
 def write_report(doc: dict, out: Path) -> Path:
@@ -126,7 +126,7 @@ def results_section(groups: dict[str, Group]) -> list[str]:
 
 
 def breakdown_table(groups: dict[str, Group]) -> list[str]:
-    from distrec.bench.plots import PHASE_ORDER, median_phase
+    from distrec.tools.bench.plots import PHASE_ORDER, median_phase
 
     rows = [g for g in groups.values() if g.ok and all("breakdown_ms" in r for r in g.ok)]
     if not rows:
@@ -177,7 +177,7 @@ def failures_section(runs: list[dict]) -> list[str]:
 def method_section(doc: dict) -> list[str]:
     return ["## How it was measured", "",
             "- Each run is its own processes (`torchrun`, `horovod.runner.launch --gloo`, `distrec ps`, or "
-            "`torchrun -m distrec.bench.torchrec_run`), one intra-op thread per process, with a timeout; a "
+            "`torchrun -m distrec.tools.bench.torchrec_run`), one intra-op thread per process, with a timeout; a "
             "failed run is recorded and the sweep goes on.",
             "- samples/s: global samples over training wall time (evaluation left out), data loading included; "
             "TorchRec peer: slowest rank's training seconds. PS: the coordinator's count of samples pushed.",

@@ -1,7 +1,7 @@
 """The TorchRec peer of one ``distrec bench`` run: TorchRec's ``DistributedModelParallel`` training the
 config's DLRM on the same data, batches, sample budget and table placement as ``distrec.train``.
 
-    torchrun --standalone --nproc_per_node 2 -m distrec.bench.torchrec_run --config configs/demo.toml \
+    torchrun --standalone --nproc_per_node 2 -m distrec.tools.bench.torchrec_run --config configs/demo.toml \
         --data.path=DIR --train.max_steps=20 --strategy row_wise --result out.json
 
 Embeddings: TorchRec's fused fbgemm CPU kernel with exact Adagrad (the config's sparse lr and eps); dense
@@ -130,7 +130,7 @@ def train(cfg, dmp, opt, loader, steps: int) -> float:
 
 @torch.no_grad()
 def evaluate(dmp, loader, ctx) -> dict:
-    from distrec.metrics import auc, gather_predictions, logloss
+    from distrec.trainer.metrics import auc, gather_predictions, logloss
 
     dmp.eval()
     probs, labels = [], []
@@ -144,7 +144,7 @@ def evaluate(dmp, loader, ctx) -> dict:
 def run(cfg, strategy: str, result_path: str) -> None:
     from distrec.config import table_specs
     from distrec.data.manifest import read_manifest
-    from distrec.dist import DistContext, all_gather_object
+    from distrec.trainer.dist import DistContext, all_gather_object
     from distrec.data.loader import make_loader
     from sharding.files import atomic_write
     from sharding.plan import load_plan, simple_plan
@@ -170,7 +170,7 @@ def run(cfg, strategy: str, result_path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from distrec.config import load_config
 
-    p = argparse.ArgumentParser(prog="distrec.bench.torchrec_run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="distrec.tools.bench.torchrec_run", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True)
     p.add_argument("--strategy", required=True, help="table_wise | row_wise | data_parallel | PLAN.json")
     p.add_argument("--result", required=True)

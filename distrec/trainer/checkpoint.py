@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from distrec.dist import all_gather_object, barrier
+from distrec.trainer.dist import all_gather_object, barrier
 
 LATEST = "latest"
 COMMON, INDEX = "common.pt", "index.json"

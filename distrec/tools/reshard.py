@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from distrec.checkpoint import load_latest, save_checkpoint
 from distrec.config import Config, load_config
+from distrec.trainer.checkpoint import load_latest, save_checkpoint
 from sharding.checkpoint import recut, table_sizes, whole_tables
 from sharding.plan import load_plan, simple_plan
 from sharding.types import TableConfig

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distrec.bench.summary import Group, models, strong_batch
+from distrec.tools.bench.summary import Group, models, strong_batch
 
 ENGINE_LABEL = {"sync": "distrec sync (torchrun)", "horovod": "distrec + Horovod", "torchrec": "TorchRec DMP",
                 "ps": "async PS (CPU)"}

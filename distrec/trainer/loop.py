@@ -1,0 +1,79 @@
+"""The training loop: epochs of steps, with logging, periodic evaluation and checkpoints.
+
+    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer)
+"""
+from __future__ import annotations
+
+import time
+
+from distrec.config import Config, to_dict
+from distrec.data.loader import ParquetLoader
+from distrec.trainer.evaluate import evaluate
+from distrec.trainer.pipeline import pipelined
+from distrec.trainer.state import Position, training_state
+from distrec.trainer.step import train_step
+from distrec.trainer.checkpoint import save_sharded
+from distrec.trainer.dist import DistContext, all_gather_object
+from distrec.trainer.logs import MetricsLog
+from distrec.trainer.phases import PhaseTimer, TimedOptimizer
+from distrec.trainer.window import Window
+
+
+def samples_seen(pos: Position, loader: ParquetLoader) -> int:
+    return pos.epoch * loader.num_rows + min(pos.batch * loader.global_batch_size, loader.num_rows)
+
+
+def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer=None) -> dict:
+    window, G, since_log = Window(), train_loader.global_batch_size, 0
+    step_opts = [TimedOptimizer(o, timer) for o in optimizers] if timer is not None else optimizers
+    while pos.step < total:
+        batches = (b.to(ctx.device) for b in train_loader.epoch(pos.epoch, pos.batch))
+        if cfg.train.pipeline:
+            batches = pipelined(batches, model.embeddings)
+        for batch in (timer.timed_iter(batches) if timer is not None else batches):
+            global_size = min(G, train_loader.num_rows - pos.batch * G)
+            started = time.perf_counter()
+            window.loss_sum += train_step(ddp, model.embeddings, step_opts, batch, global_size)
+            if timer is not None:
+                timer.end_step(time.perf_counter() - started)
+            window.rows += len(batch)
+            window.wait_s += batch.input_wait_s
+            pos.step, pos.batch, since_log = pos.step + 1, pos.batch + 1, since_log + 1
+            log.step()
+            last = pos.step >= total
+            if pos.step % cfg.train.log_every_steps == 0 or last:
+                log.train_window(pos.step, samples_seen(pos, train_loader), *window.close(ctx, since_log),
+                                 pipelined=cfg.train.pipeline)
+                since_log = 0
+            with window.paused():
+                if cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0 and not last:
+                    log.evaluation(pos.step, **evaluate(model, eval_loader, ctx))
+                if cfg.checkpoint.dir and cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0 \
+                        and not last:
+                    checkpoint(cfg, ctx, model, optimizers, pos)
+            if last:
+                break
+        if pos.batch >= train_loader.num_batches():
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+    result = evaluate(model, eval_loader, ctx)
+    log.evaluation(pos.step, **result)
+    if cfg.checkpoint.dir:
+        checkpoint(cfg, ctx, model, optimizers, pos)
+    return {**result, "step": pos.step,
+            "samples_per_s": window.trained / window.train_time if window.train_time else 0.0}
+
+
+def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position) -> None:
+    common, own = training_state(model, model.embeddings, optimizers, pos, ctx, to_dict(cfg))
+    save_sharded(cfg.checkpoint.dir, pos.step, common, own, ctx, keep=cfg.checkpoint.keep)
+
+
+def report_breakdown(cfg: Config, ctx: DistContext, timer: PhaseTimer, log: MetricsLog) -> None:
+    """Collective: each rank's mean ms per phase; rank 0 writes {"kind": "breakdown"} with the mean over
+    ranks and every rank's own numbers."""
+    per_rank = all_gather_object(timer.summary(cfg.train.profile_steps), ctx)
+    if ctx.is_main:
+        phases = per_rank[0]["ms"].keys()
+        mean = {k: sum(r["ms"][k] for r in per_rank) / len(per_rank) for k in phases}
+        log.record({"kind": "breakdown", "steps": per_rank[0]["steps"], "ms": mean,
+                    "ranks": [r["ms"] for r in per_rank]})

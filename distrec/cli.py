@@ -17,6 +17,7 @@ import sys
 from distrec import __version__
 from distrec.config import ConfigError
 from distrec.data.manifest import DataError
+from distrec.trainer.checkpoint import CheckpointError
 from sharding.types import PlanError
 
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     try:
         return args.func(args, rest)
-    except (ConfigError, DataError, PlanError, FileNotFoundError) as e:
+    except (ConfigError, DataError, PlanError, FileNotFoundError, CheckpointError) as e:
         print(f"distrec: error: {e}", file=sys.stderr)
         return 2
 

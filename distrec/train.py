@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -14,9 +15,10 @@ from distrec.config import Config, ConfigError, dump_toml, load_config, table_sp
 from distrec.data.loader import make_loader
 from distrec.data.manifest import DataError, check_schema, read_manifest
 from distrec.model.dlrm import DLRM
-from distrec.trainer.checkpoint import open_latest
+from distrec.trainer.checkpoint import CheckpointError, agreed, check_writable, open_for_resume
 from distrec.trainer.dense_parallel import wrap_dense
 from distrec.trainer.dist import DistContext, init_distributed, shutdown
+from distrec.trainer.locks import RunLockError, lock_run_dirs, release
 from distrec.trainer.logs import MetricsLog, write_resolved_config
 from distrec.trainer.loop import report_breakdown, train_loop
 from distrec.trainer.optim import make_optimizers, sparse_spec
@@ -37,14 +39,46 @@ def check_cardinalities(cfg: Config, manifest: dict, specs) -> None:
                               f"{cfg.data.path} has ids up to {have - 1}; raise tables.cardinalities")
 
 
+def ranks_per_node(cfg: Config, ctx: DistContext) -> int | None:
+    """Ranks per node as the launcher says (torchrun: LOCAL_WORLD_SIZE; horovodrun: HOROVOD_LOCAL_SIZE),
+    for table-row-wise tables; an error when they need it and the launcher does not say."""
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("HOROVOD_LOCAL_SIZE")
+    if local:
+        return int(local)
+    if ctx.world_size > 1 and "table_row_wise" in [cfg.plan.default, *cfg.plan.overrides().values()]:
+        raise ConfigError(f"{cfg.source}: table_row_wise needs the ranks per node, and the launcher did not set "
+                          "LOCAL_WORLD_SIZE; launch with torchrun (or set it)")
+    return None
+
+
+def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note) -> Position:
+    """Where to start: step 0, or the newest checkpoint that verifies when ``checkpoint.resume`` is set
+    (each one passed over, and finding none, is told to ``note``)."""
+    if not (cfg.checkpoint.resume and cfg.checkpoint.dir):
+        return Position()
+    ckpt = open_for_resume(cfg.checkpoint.dir, ctx, note)
+    if ckpt is None:
+        note(f"checkpoint.resume is set but {cfg.checkpoint.dir} holds no usable checkpoint: starting at step 0")
+        return Position()
+    return restore(ckpt, model, embeddings, optimizers, ctx)
+
+
 def run(cfg: Config, ctx: DistContext) -> dict:
+    locks = lock_run_dirs([cfg.logging.dir, cfg.checkpoint.dir], ctx)
+    try:
+        return _run(cfg, ctx)
+    finally:
+        release(locks)
+
+
+def _run(cfg: Config, ctx: DistContext) -> dict:
     manifest = read_manifest(cfg.data.path)
     check_schema(manifest, cfg.schema.label, cfg.schema.dense, cfg.schema.categorical, cfg.source)
     specs = table_specs(cfg, manifest.get("cardinalities"))
     check_cardinalities(cfg, manifest, specs)
     tables = [TableConfig(s.name, s.num_rows, s.dim, s.pooling) for s in specs]
     plan = load_plan(cfg.plan.file, tables, ctx.world_size) if cfg.plan.file else \
-        simple_plan(tables, ctx.world_size, cfg.plan.default, cfg.plan.overrides())
+        simple_plan(tables, ctx.world_size, cfg.plan.default, cfg.plan.overrides(), ranks_per_node(cfg, ctx))
     torch.manual_seed(cfg.train.seed)
     timer = PhaseTimer() if cfg.train.profile_steps else None
     embeddings = ShardedEmbeddingCollection(tables, plan, rank=ctx.rank, group=ctx.group, seed=cfg.train.seed,
@@ -52,16 +86,20 @@ def run(cfg: Config, ctx: DistContext) -> dict:
                                             timer=timer)
     model = DLRM.from_config(cfg, embeddings).to(ctx.device)
     ddp, optimizers = wrap_dense(model, make_optimizers(cfg.optimizer, model), ctx, timer)
+    if cfg.checkpoint.dir:  # an unusable folder fails now, not at the first save after hours of training
+        agreed(ctx, check_writable, cfg.checkpoint.dir)
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
-    pos = Position()
-    if cfg.checkpoint.resume and cfg.checkpoint.dir and (ckpt := open_latest(cfg.checkpoint.dir)):
-        pos = restore(ckpt, model, embeddings, optimizers, ctx)
+    notes: list[str] = []  # said once the log exists
+    pos = resume(cfg, ctx, model, embeddings, optimizers, notes.append)
     total = train_loader.num_batches() * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
-    log = MetricsLog(cfg.logging.dir, ctx.is_main, total, cfg.train.progress_bar, first_step=pos.step)
+    log = MetricsLog(cfg.logging.dir, ctx.is_main, total, cfg.train.progress_bar, first_step=pos.step,
+                     append=pos.step > 0)
     if ctx.is_main:
+        for note in notes + ([f"an earlier run's metrics.jsonl is kept as {log.kept}"] if log.kept else []):
+            log.info(note)
         write_resolved_config(cfg.logging.dir, dump_toml(cfg))
         log.info(f"plan on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}:\n"
                  + describe_plan(plan, tables))
@@ -102,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             print(summary_line(result), flush=True)
         return 0
-    except (ConfigError, DataError, PlanError, InputError) as e:
+    except (ConfigError, DataError, PlanError, InputError, CheckpointError, RunLockError) as e:
         rank = f"[rank {ctx.rank}] " if ctx and ctx.world_size > 1 else ""
         print(f"distrec.train: error: {rank}{e}", file=sys.stderr, flush=True)
         return 2

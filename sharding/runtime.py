@@ -287,7 +287,10 @@ class ShardedEmbeddingCollection(nn.Module):
             dense[g.indices()[0], -1] = 1.0
             all_reduce_(dense, self.group)
             rows = torch.nonzero(dense[:, -1]).reshape(-1)
-            p.grad = torch.sparse_coo_tensor(rows[None], dense[rows, :-1], p.shape)
+            # Rows from nonzero() are in range, sorted and distinct: the invariants hold by construction, so
+            # say so (torch warns on every rank when the check is left implicit).
+            p.grad = torch.sparse_coo_tensor(rows[None], dense[rows, :-1], p.shape, check_invariants=False,
+                                             is_coalesced=True)
 
     def step(self) -> None:
         """Apply the sparse optimizer where backward has not already (torch kernel, replicas)."""

@@ -1,5 +1,7 @@
 """The trainer in one process: logs, evaluation, checkpoints, resume, errors."""
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -69,19 +71,20 @@ def _own(rank):
                         "state": {}}], "rng": None}
 
 
-def test_a_crash_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_disk_full_during_save_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     ckpt.save_checkpoint(tmp_path, 10, {"x": torch.ones(3)}, [_own(0), _own(1)])
-    real_save = torch.save
+    real_write = ckpt.atomic_write
 
-    def crash_on_second_rank_file(obj, f):
-        if "rank_1" in str(f.name):
-            f.write(b"half a checkpoint")
-            raise OSError("disk full")
-        real_save(obj, f)
+    def disk_full_on_second_rank_file(path, data):
+        if path.name == "rank_1.pt":
+            path.write_bytes(data[:100])  # half a file, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, data)
 
-    monkeypatch.setattr(torch, "save", crash_on_second_rank_file)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(ckpt, "atomic_write", disk_full_on_second_rank_file)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot write checkpoint file .*rank_1.pt: ENOSPC") as e:
         ckpt.save_checkpoint(tmp_path, 20, {"x": torch.zeros(3)}, [_own(0), _own(1)])
+    assert "\n" not in str(e.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_10"]
     assert torch.equal(ckpt.load_latest(tmp_path)["x"], torch.ones(3))
 

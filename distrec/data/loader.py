@@ -216,6 +216,7 @@ class ParquetLoader:
 
 _DONE = object()
 READER_JOIN_S = 30.0
+READER_THREAD = "distrec-loader"
 
 
 def _background(items: Iterator, depth: int) -> Iterator:
@@ -223,22 +224,26 @@ def _background(items: Iterator, depth: int) -> Iterator:
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item) -> bool:
+        """Queue ``item`` unless the consumer has stopped (then a full queue is never drained)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def work():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(_DONE)
+            put(_DONE)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put(e)
+            put(e)
 
-    thread = threading.Thread(target=work, daemon=True)
+    thread = threading.Thread(target=work, daemon=True, name=READER_THREAD)
     thread.start()
     try:
         while (item := q.get()) is not _DONE:

@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.json and not Path(args.json).parent.is_dir():  # before planning: no plan printed, then lost
+        raise PlannerError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     cfg = load_config(args.config, rest)
     specs = _specs(cfg)
     if args.calibrate:

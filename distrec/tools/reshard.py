@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from distrec.config import Config, load_config
+from distrec.config import Config, ConfigError, load_config
 from distrec.trainer.checkpoint import load_latest, save_checkpoint
 from sharding.checkpoint import recut, table_sizes, whole_tables
 from sharding.plan import load_plan, simple_plan
@@ -49,10 +49,23 @@ def resharded(state: dict, cfg: Config, world_size: int) -> tuple[dict, list[dic
     return {**common, "world_size": world_size}, owns
 
 
+def check_target(args: argparse.Namespace, tables: list[TableConfig]) -> None:
+    """Refuse what would destroy the source or make an absurd checkpoint."""
+    src, out = Path(args.checkpoint).resolve(), Path(args.out).resolve()
+    if out == src or src in out.parents:
+        raise ConfigError(f"reshard: --out {args.out} is the checkpoint being read (or inside it); "
+                          "write the resharded checkpoint to another folder")
+    largest = max(t.num_rows for t in tables)
+    if not args.unsharded and args.world_size > largest:
+        raise ConfigError(f"reshard: --world-size {args.world_size} is more ranks than the largest table has rows "
+                          f"({largest}): most ranks would hold nothing")
+
+
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     state = load_latest(args.checkpoint)
     if state is None:
         raise FileNotFoundError(f"{args.checkpoint}: no checkpoint (step_*/) found")
+    check_target(args, _tables(state))
     if args.unsharded:
         torch.save(unsharded(state), args.out)
         print(f"wrote {args.out}: step {state['position']['step']}, every table whole")

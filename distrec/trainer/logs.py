@@ -15,11 +15,18 @@ from tqdm import tqdm
 
 
 class MetricsLog:
-    def __init__(self, log_dir: str, is_main: bool, total_steps: int, progress: bool, first_step: int = 0):
-        self.is_main = is_main
+    """``append``: a resumed run continues the records; otherwise an earlier run's metrics.jsonl is kept
+    as metrics.N.jsonl and this run starts a fresh file (``self.kept`` says where the old one went)."""
+
+    def __init__(self, log_dir: str, is_main: bool, total_steps: int, progress: bool, first_step: int = 0,
+                 append: bool = False):
+        self.is_main, self.kept = is_main, None
         self.path = Path(log_dir) / "metrics.jsonl" if log_dir and is_main else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not append and self.path.exists():
+                self.kept = _free_name(self.path)
+                self.path.rename(self.kept)
         self.bar = tqdm(total=total_steps, initial=first_step, unit="step", file=sys.stderr,
                         dynamic_ncols=True, mininterval=1.0) if is_main and progress else None
 
@@ -54,6 +61,13 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar:
             self.bar.close()
+
+
+def _free_name(path: Path) -> Path:
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    return kept
 
 
 def write_resolved_config(log_dir: str, toml_text: str) -> None:

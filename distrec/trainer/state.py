@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from distrec.trainer.checkpoint import Checkpoint
+from distrec.trainer.checkpoint import Checkpoint, CheckpointError, agreed
 from distrec.trainer.dist import DistContext
 from sharding.checkpoint import export_shards, import_shards
+from sharding.types import PlanError
 
 
 @dataclass
@@ -27,13 +28,43 @@ class Position:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The random streams as tensors and plain data (checkpoints are read with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached": float(cached)}}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     random.setstate(state["python"])
+
+
+def check_shapes(ckpt: Checkpoint, model: nn.Module, embeddings) -> None:
+    """A checkpoint of another model shape fails here, naming the parameter or table and both shapes."""
+    saved = ckpt.common["dense"]
+    for name, value in model.state_dict().items():
+        if name.startswith("embeddings."):
+            continue
+        if name not in saved:
+            raise CheckpointError(f"{ckpt.path}: has no {name} (the model has it, {tuple(value.shape)})")
+        if tuple(saved[name].shape) != tuple(value.shape):
+            raise CheckpointError(f"{ckpt.path}: {name} is {tuple(saved[name].shape)} there, "
+                                  f"{tuple(value.shape)} in this model")
+    extra = [k for k in saved if k not in model.state_dict()]
+    if extra:
+        raise CheckpointError(f"{ckpt.path}: holds {extra[0]}, which this model does not have")
+    sizes = {}
+    for held in ckpt.index:
+        for table, rows, cols in held:
+            r, c = sizes.get(table, (0, 0))
+            sizes[table] = (max(r, rows[1]), max(c, cols[1]))
+    for t in embeddings.tables:
+        if sizes.get(t.name, (t.num_rows, t.dim)) != (t.num_rows, t.dim):
+            raise CheckpointError(f"{ckpt.path}: table {t.name} is {sizes[t.name][0]} x {sizes[t.name][1]} there, "
+                                  f"{t.num_rows} x {t.dim} in this model")
 
 
 def training_state(model: nn.Module, embeddings, optimizers, pos: Position, ctx: DistContext,
@@ -52,13 +83,22 @@ def training_state(model: nn.Module, embeddings, optimizers, pos: Position, ctx:
 def restore(ckpt: Checkpoint, model: nn.Module, embeddings, optimizers, ctx: DistContext) -> Position:
     """Load a checkpoint saved under any plan and world size; each rank reads only the rank files that
     hold rows of its own shards."""
+    return agreed(ctx, _restore, ckpt, model, embeddings, optimizers, ctx.rank)
+
+
+def _restore(ckpt: Checkpoint, model: nn.Module, embeddings, optimizers, rank: int) -> Position:
+    check_shapes(ckpt, model, embeddings)
     common = ckpt.common
-    missing, unexpected = model.load_state_dict(common["dense"], strict=False)
-    if unexpected or any(not k.startswith("embeddings.") for k in missing):
-        raise ValueError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    model.load_state_dict(common["dense"], strict=False)  # strict=False: the embeddings load from shards
     optimizers[0].load_state_dict(common["dense_optimizer"])
     wanted = [(name, (s.row_start, s.row_end), (s.col_start, s.col_end)) for name, s, _, _ in embeddings.held_shards()]
-    import_shards(embeddings, ckpt.pieces(wanted))
-    if ctx.rank < ckpt.world_size:  # same rank, same random stream as before the stop
-        set_rng_state(ckpt.rank_state(ctx.rank)["rng"])
+    try:
+        import_shards(embeddings, ckpt.pieces(wanted))
+    except PlanError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
+    # Same rank, same random stream as before the stop. A rank the checkpoint had not (a resharded
+    # one, or more ranks than before) keeps the stream seeded from train.seed at start-up.
+    rng = ckpt.rank_state(rank).get("rng") if rank < ckpt.world_size else None
+    if rng is not None:
+        set_rng_state(rng)
     return Position(**common["position"])

@@ -113,9 +113,12 @@ class TritonTBE(TableBatchedEmbedding):
     def _init_weights(self) -> None:
         # DLRM's uniform(+-sqrt(1 / rows)) so a TritonTBE made alone trains; the runtime overwrites the
         # tables through table_weights() with its plan-independent init.
+        # A generator of its own: drawing from the global RNG would change the dense MLP's initialisation
+        # (made after the embeddings) with the kernel.
+        gen = torch.Generator(device=self.weights.device).manual_seed(0)
         for w, (rows, _) in zip(self.table_weights(), self.shapes):
             bound = math.sqrt(1.0 / max(rows, 1))
-            w.uniform_(-bound, bound)
+            w.uniform_(-bound, bound, generator=gen)
 
     def _init_state(self, device) -> None:
         names = state_names(self.optim.kind)

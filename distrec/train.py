@@ -64,6 +64,8 @@ def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note) -
 
 
 def run(cfg: Config, ctx: DistContext) -> dict:
+    if cfg.checkpoint.dir:  # an unusable folder fails now, not at the first save after hours of training
+        agreed(ctx, check_writable, cfg.checkpoint.dir)
     locks = lock_run_dirs([cfg.logging.dir, cfg.checkpoint.dir], ctx)
     try:
         return _run(cfg, ctx)
@@ -86,8 +88,6 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
                                             timer=timer)
     model = DLRM.from_config(cfg, embeddings).to(ctx.device)
     ddp, optimizers = wrap_dense(model, make_optimizers(cfg.optimizer, model), ctx, timer)
-    if cfg.checkpoint.dir:  # an unusable folder fails now, not at the first save after hours of training
-        agreed(ctx, check_writable, cfg.checkpoint.dir)
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
     notes: list[str] = []  # said once the log exists

@@ -45,12 +45,17 @@ def lock_run_dirs(folders: list[str], ctx) -> list:
     """Collective: rank 0 locks every folder; if one is taken, every rank raises the same RunLockError."""
     held, error = [], None
     if ctx.rank == 0:
-        try:
-            for folder in dict.fromkeys(Path(f).resolve() for f in folders if f):
+        for folder in dict.fromkeys(Path(f).resolve() for f in folders if f):
+            try:
                 held.append(_lock(folder))
-        except (RunLockError, OSError) as e:
-            release(held)
-            held, error = [], str(e)
+            except RunLockError as e:
+                error = str(e)
+            except OSError as e:
+                error = f"{folder}: cannot take the run lock there: {e.strerror or e}"
+            if error:
+                release(held)
+                held = []
+                break
     error = all_gather_object(error, ctx)[0]
     if error:
         raise RunLockError(error)

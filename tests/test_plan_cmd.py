@@ -56,6 +56,14 @@ def test_a_plan_that_does_not_fit_is_one_error_line(capsys):
     assert re.search(r"smallest change that fits: \d+ ranks \(--gpus \d+\) or \d+ GB per rank \(--hbm-gb \d+\)", line)
 
 
+def test_json_into_a_missing_folder_fails_before_planning(tmp_path, capsys):
+    target = tmp_path / "missing" / "plan.json"
+    assert main(["plan", "--gpus", "2", "--config", str(REPO / "configs/demo.toml"), "--json", str(target)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == (f"distrec: error: --json {target}: the folder {target.parent} "
+                                         "does not exist")
+
+
 def test_what_if_side_by_side(capsys):
     r = plan_cli(capsys, *TERABYTE, "--gpus", "8", "--optimizer.sparse=rowwise_adagrad", "--what-if", "gpus=4,8,16")
     assert r.returncode == 0, r.stderr

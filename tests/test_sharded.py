@@ -1,6 +1,8 @@
 """The sharded runtime on 1-4 real gloo ranks against a plain single-process model: pooled outputs and
 updated tables, for every sharding type mixed in one plan, every fused optimizer, and both lookup
 kernels (plain PyTorch; fbgemm's table-batched op with its optimizer fused into backward)."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -142,11 +144,32 @@ def test_mixed_plan_matches_single_process_for_every_optimizer(world):
     for combo in COMBOS:
         want_pooled, want_tables = reference(combo[0], tables_for(combo[1]))
         got_pooled = torch.cat([r[combo][0] for r in per_rank])
+        # Same sums in another order (per rank, per shard): a pooled value sums <= 4 weighted rows of magnitude
+        # <= sqrt(1 / 7) (the smallest table's init bound) and 3 steps add <= 3 updates of <= LR each, so
+        # reordering moves it by ~10 * EPS32 * 0.7 ~ 1e-7 and a table element by ~3 * LR * 4 * EPS32 ~ 2e-7;
+        # atol 1e-6 holds both with room, and a misplaced row or lost update (>= 1e-2) fails it.
         torch.testing.assert_close(got_pooled, want_pooled, rtol=1e-5, atol=1e-6, msg=f"{combo}: pooled")
         for t, got, want in zip(TABLES, assemble(per_rank, combo), want_tables):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{combo}: table {t.name}")
         replicas = [w for r in per_rank for name, _, w in r[combo][1] if name == "t1"]
         assert len(replicas) == world and all(torch.equal(replicas[0], w) for w in replicas)
+
+
+def replica_sync_warnings(rank, world):
+    """Warnings raised while data-parallel tables (t1) sum their gradients over ranks."""
+    emb = ShardedEmbeddingCollection(TABLES, make_plan(world, "adagrad", "torch"), rank=rank, seed=0,
+                                     optim=OptimSpec("adagrad", LR), kernel="torch")
+    jb, upstream = make_batch(0, TABLES)
+    lo, hi = bounds(rank, world)
+    (emb(local_slice(jb, lo, hi)) * upstream[lo:hi]).sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emb.sync_replica_grads()
+    return [str(w.message) for w in caught]
+
+
+def test_replicas_sum_their_gradients_without_warnings():
+    assert run_ranks(2, replica_sync_warnings) == [[], []]
 
 
 def bad_input_rank(rank, world):

@@ -126,6 +126,14 @@ def test_kernels_are_interpreted():
     assert TritonTBE(SHAPES, OptimSpec("sgd", lr=0.1)).interpreted
 
 
+def test_building_the_kernel_leaves_the_global_random_stream_alone():
+    """The dense MLP is initialised from the global stream after the embeddings: a kernel that drew from
+    it would make the model's initialisation depend on the kernel."""
+    before = torch.get_rng_state()
+    TritonTBE(SHAPES, OptimSpec("sgd", lr=0.1))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("pooling,weighted", [("sum", False), ("sum", True), ("mean", False)])
 def test_forward_matches_reference(pooling, weighted):
     tbe = TritonTBE(SHAPES, OptimSpec("sgd", **OPTIM), pooling=pooling)

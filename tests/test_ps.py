@@ -75,3 +75,45 @@ def test_a_killed_worker_stops_the_run_with_its_name(small_data, tmp_path):
     assert time.monotonic() - killed < 60
     assert f"distrec ps: error: worker 1 (pid {pid}) died (exit code -9); stopping" in err
     assert "Traceback" not in err
+
+
+def _listening(pgid: int) -> set[str]:
+    """Local addresses of the TCP sockets in LISTEN state owned by processes of group ``pgid``."""
+    inodes = set()
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:  # a process or descriptor that went away meanwhile
+            continue
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in open(table).read().splitlines()[1:]:
+            cols = row.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                found.add(cols[1].rsplit(":", 1)[0])
+    return found
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1 as /proc/net writes them
+
+
+def test_the_one_machine_ps_listens_on_loopback_only(small_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *ps_args(small_data, tmp_path, "--train.epochs=200")], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        metrics, deadline = tmp_path / "logs" / "metrics.jsonl", time.monotonic() + 60
+        while not (metrics.is_file() and metrics.read_text().count('"train"') >= 2):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        addresses = _listening(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert addresses and addresses <= LOOPBACK, addresses

@@ -176,7 +176,7 @@ def _overlaps(a: list, b: tuple) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
-def _load(path: Path, mmap: bool = False):
+def load_tensors(path: Path, mmap: bool = False):
     """``torch.load`` of tensors and plain data only; anything else is refused, naming the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -198,7 +198,7 @@ class Checkpoint:
         return len(self.index)
 
     def rank_state(self, rank: int) -> dict:
-        return _load(self.path / _rank_file(rank), mmap=True)
+        return load_tensors(self.path / _rank_file(rank), mmap=True)
 
     def pieces(self, wanted: list[tuple[str, tuple[int, int], tuple[int, int]]] | None = None) -> list[dict]:
         """Saved pieces, read only from the rank files that overlap ``wanted`` (table, rows, cols); all if None."""
@@ -248,7 +248,7 @@ def verify(path: Path) -> None:
 def open_checkpoint(path: Path, verified: bool = False) -> Checkpoint:
     if not verified:
         verify(path)
-    return Checkpoint(path, _load(path / COMMON), _read_index(path)["ranks"])
+    return Checkpoint(path, load_tensors(path / COMMON), _read_index(path)["ranks"])
 
 
 def _newest_first(d: Path) -> list[Path]:
@@ -266,7 +266,7 @@ def find_resumable(ckpt_dir: str | Path, warn=print) -> Path | None:
     for path in _newest_first(Path(ckpt_dir)):
         try:
             verify(path)
-            _load(path / COMMON)  # refused if it carries code, before any rank relies on it
+            load_tensors(path / COMMON)  # refused if it carries code, before any rank relies on it
             return path
         except CheckpointError as e:
             warn(f"checkpoint {path.name} passed over: {e}")

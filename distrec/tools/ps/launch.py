@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -31,6 +32,7 @@ from distrec.tools.ps.rows import Partition
 from distrec.tools.ps.server import ParamServer
 from distrec.tools.ps.worker import ServerClient, run_worker
 from distrec.trainer.logs import MetricsLog, write_resolved_config
+from sharding.files import atomic_write
 
 
 def names(cfg: Config) -> list[str]:
@@ -39,19 +41,29 @@ def names(cfg: Config) -> list[str]:
             *[f"worker{w}" for w in range(cfg.ps.workers)]]
 
 
-def init_rpc(name: str, cfg: Config) -> None:
+def rendezvous(cfg: Config) -> str:
+    """Where the processes meet: the coordinator's TCP store, across machines."""
+    return f"tcp://{cfg.ps.master_addr}:{cfg.ps.master_port}"
+
+
+def init_rpc(name: str, cfg: Config, init_method: str) -> None:
     # rpc.init_rpc itself uses a deprecated gloo call; the warning says nothing to a user.
     warnings.filterwarnings("ignore", message="You are using a Backend")
+    if cfg.ps.master_addr.startswith("127.") or cfg.ps.master_addr in ("localhost", "::1"):
+        # One machine: every listening socket on loopback. RPC runs pickled calls from any peer that
+        # reaches its ports, so across machines it needs a trusted network (README, Security).
+        os.environ.setdefault("TP_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     options = rpc.TensorPipeRpcBackendOptions(rpc_timeout=cfg.ps.timeout_s, num_worker_threads=16,
-                                              init_method=f"tcp://{cfg.ps.master_addr}:{cfg.ps.master_port}")
+                                              init_method=init_method)
     rpc.init_rpc(name, rank=names(cfg).index(name), world_size=len(names(cfg)), rpc_backend_options=options)
 
 
-def serve(name: str, cfg: Config) -> None:
+def serve(name: str, cfg: Config, init_method: str) -> None:
     """A server or worker process: join the RPC group, answer calls until the coordinator is done.
     If the coordinator stops answering, exit non-zero instead of waiting for it forever."""
     torch.set_num_threads(cfg.ps.threads_per_process)
-    init_rpc(name, cfg)
+    init_rpc(name, cfg, init_method)
     threading.Thread(target=watch_coordinator, args=(name, cfg.ps.timeout_s), daemon=True).start()
     rpc.shutdown()  # returns once every process has called it, i.e. when the coordinator is done
 
@@ -77,9 +89,9 @@ def total_steps(cfg: Config) -> int:
     return min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
-def coordinate(cfg: Config, procs: dict) -> dict:
+def coordinate(cfg: Config, procs: dict, init_method: str) -> dict:
     """Create the servers, run the workers, evaluate and checkpoint; returns the final metrics."""
-    init_rpc("coordinator", cfg)
+    init_rpc("coordinator", cfg, init_method)
     watchdog = Watchdog(procs, cfg.ps.timeout_s)
     watchdog.start()
     specs = table_specs(cfg, read_manifest(cfg.data.path).get("cardinalities"))
@@ -134,9 +146,7 @@ def save(cfg: Config, servers: list, step: int) -> None:
     folder = Path(cfg.checkpoint.dir) / f"step_{step}"
     for fut in [srv.rpc_async().save(str(folder)) for srv in servers]:
         fut.wait()
-    tmp = Path(cfg.checkpoint.dir) / "latest.tmp"
-    tmp.write_text(folder.name)
-    tmp.rename(Path(cfg.checkpoint.dir) / "latest")
+    atomic_write(Path(cfg.checkpoint.dir) / "latest", folder.name)
 
 
 def restore(cfg: Config, servers: list) -> int:
@@ -149,23 +159,19 @@ def restore(cfg: Config, servers: list) -> int:
     return versions[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def launch_local(cfg: Config) -> dict:
     """Everything on this machine: servers and workers as child processes, the coordinator here."""
-    if not cfg.ps.master_port:
-        cfg.ps.master_port = free_port()
+    # One machine: the processes meet in a file store, so no rendezvous port is open to the network.
+    store = tempfile.mkdtemp(prefix="distrec-ps-")
+    init_method = f"file://{store}/store"
     ctx = mp.get_context("spawn")
-    procs = {name: ctx.Process(target=serve, args=(name, cfg), name=name) for name in names(cfg)[1:]}
+    procs = {name: ctx.Process(target=serve, args=(name, cfg, init_method), name=name) for name in names(cfg)[1:]}
     for proc in procs.values():
         proc.start()
     print("processes: " + ", ".join(f"{label(n)} pid {p.pid}" for n, p in procs.items()), flush=True)
     try:
-        result = coordinate(cfg, procs)
+        result = coordinate(cfg, procs, init_method)
+        shutil.rmtree(store, ignore_errors=True)
     except BaseException as e:  # noqa: BLE001 - never leave children behind
         fail(f"coordinator: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}", procs)
     for proc in procs.values():
@@ -188,9 +194,9 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     if args.role != "all" and not cfg.ps.master_port:
         raise ConfigError("command line: --role needs --ps.master_port (and --ps.master_addr) on every machine")
     if args.role in ("server", "worker"):
-        serve(f"{args.role}{args.index}", cfg)
+        serve(f"{args.role}{args.index}", cfg, rendezvous(cfg))
         return 0
-    result = coordinate(cfg, {name: None for name in names(cfg)[1:]}) if args.role == "coordinator" \
+    result = coordinate(cfg, {name: None for name in names(cfg)[1:]}, rendezvous(cfg)) if args.role == "coordinator" \
         else launch_local(cfg)
     print(f"final: step {result['step']} | auc {result['auc']:.4f} | logloss {result['logloss']:.4f} | "
           f"{result['samples_per_s']:,.0f} samples/s | staleness mean {result['staleness_mean']:.2f} "

@@ -19,7 +19,9 @@ from torch import nn
 from distrec.config import Config, TableSpec
 from distrec.model.dlrm import DLRM
 from distrec.tools.ps.rows import Partition, PulledEmbeddings
+from distrec.trainer.checkpoint import load_tensors
 from distrec.trainer.optim import _dense
+from sharding.files import atomic_write
 from sharding.optim import SparseOptimizer
 
 
@@ -70,9 +72,6 @@ class ParamServer:
             self.version += 1
             return self.version - 1
 
-    def get_version(self) -> int:
-        return self.version
-
     def state(self) -> dict:
         """Everything a restart needs: rows, optimizer state, dense model and optimizer, version."""
         with self.lock:
@@ -83,16 +82,16 @@ class ParamServer:
                     "dense_opt": self.dense_opt.state_dict() if self.dense_opt else None}
 
     def save(self, folder: str) -> str:
-        """Write this server's state to ``folder/server_<index>.pt`` (via a temporary file and a rename)."""
+        """Write this server's state to ``folder/server_<index>.pt``, whole or not at all."""
         path = Path(folder) / f"server_{self.index}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.state(), path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
+        state = self.state()
+        atomic_write(path, lambda f: torch.save(state, f))
         return str(path)
 
     def load(self, folder: str) -> int:
         """Restore from ``folder/server_<index>.pt``; returns the restored version."""
-        state = torch.load(Path(folder) / f"server_{self.index}.pt", weights_only=False)
+        state = load_tensors(Path(folder) / f"server_{self.index}.pt")  # tensors and plain data only
         if (state["partition"], state["servers"]) != (self.partition.kind, self.partition.servers):
             raise ValueError(f"checkpoint {folder} was saved by {state['servers']} {state['partition']}-partitioned "
                              f"servers; this run has {self.partition.servers} {self.partition.kind}-partitioned")

@@ -28,10 +28,17 @@ def atomic_write(path: Path | str, data: str | bytes | Callable[[IO[bytes]], Any
                 f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a written file follows the umask as open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_versioned_json(path: Path | str, key: str, version: int, error: type[Exception], what: str) -> dict:

@@ -21,7 +21,9 @@ import pytest
 
 from distrec.config import CRITEO_CATEGORICAL, CRITEO_DENSE
 from distrec.data.manifest import DataError, read_manifest
-from distrec.tools.data.preprocess import line_chunks, load_vocab, map_ids, preprocess
+from distrec.tools.data.preprocess import DEFAULT_CHUNK_LINES, preprocess
+from distrec.tools.data.sources import line_chunks
+from distrec.tools.data.vocab import load_vocab, map_ids
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_TRAIN = {"valid_frac": 0.0, "test_frac": 0.0}
@@ -457,10 +459,6 @@ def test_bad_inputs(tmp_path):
     packed.write_bytes(bz2.compress(src.read_bytes()))
     with pytest.raises(DataError, match="b.tsv: bzip2-compressed"):
         preprocess([packed], tmp_path / "out", progress=False)
-    broken = tmp_path / "c.tsv"
-    broken.write_bytes(gzip.compress(src.read_bytes())[:-12])
-    with pytest.raises(DataError, match="c.tsv: cannot read line 1 onwards"):
-        preprocess([broken], tmp_path / "out2", progress=False)
     only_bad = write_lines(tmp_path / "d.tsv", ["x"] * 5)
     with pytest.raises(DataError, match="no well-formed training rows"):
         preprocess([only_bad], tmp_path / "out3", progress=False)
@@ -473,3 +471,50 @@ def test_small_parts_are_joined_into_shards_of_at_most_chunk_lines(tmp_path):
     m = preprocess([src], tmp_path / "out", chunk_lines=4, **ALL_TRAIN, workers=1, progress=False)
     rows = [pq.ParquetFile(tmp_path / "out" / f).metadata.num_rows for f in m["splits"]["train"]["files"]]
     assert rows == [4, 4, 3]
+
+
+def truncated_gzip(path: Path, text: bytes, keep: float) -> int:
+    """Write the first `keep` of text's gzip bytes to path; returns the whole lines they still hold."""
+    packed = gzip.compress(text)
+    cut = packed[:int(len(packed) * keep)] if keep < 1 else packed[:-8]  # 1: all but the trailer
+    path.write_bytes(cut)
+    return zlib.decompressobj(wbits=31).decompress(cut).count(b"\n")
+
+
+@pytest.mark.parametrize("chunk_lines", [DEFAULT_CHUNK_LINES, 64])
+@pytest.mark.parametrize("keep", [0.5, 1])
+def test_truncated_gzip_names_the_last_line_read(tmp_path, chunk_lines, keep):
+    text = "".join(line + "\n" for line in criteo_lines(2000, seed=3)).encode()
+    broken = tmp_path / "day_0.tsv"
+    last = truncated_gzip(broken, text, keep)
+    assert (500 < last < 1500 and last % 64) if keep < 1 else last == 2000  # not at a chunk boundary
+    with pytest.raises(DataError) as e:
+        preprocess([broken], tmp_path / "out", chunk_lines=chunk_lines, workers=1, progress=False)
+    assert str(e.value).startswith(f"{broken}: cannot read past line {last} (the last whole line read): ")
+    assert "\n" not in str(e.value)
+
+
+NO_TRAINING = ("{path}: no well-formed training rows to count the vocabulary on ({n} lines: {n} malformed, "
+               "0 valid and 0 test rows); give training data, or reuse an earlier vocabulary with "
+               "--vocab DIR")
+ALL_MALFORMED = ["x", "y\tz", with_field("I3", "1.5")]
+ALL_MALFORMED_REPORT = ("d.tsv: 3 malformed lines skipped: 2 wrong field count (lines 1, 2), "
+                        "1 bad dense value in I3 (line 3)")
+
+
+@pytest.mark.parametrize("lines,report", [([], None), (ALL_MALFORMED, ALL_MALFORMED_REPORT)])
+def test_no_training_rows_names_the_file_and_still_reports_malformed_lines(tmp_path, capsys, lines, report):
+    src = write_lines(tmp_path / "d.tsv", lines)
+    with pytest.raises(DataError) as e:
+        preprocess([src], tmp_path / "out", workers=1, progress=False)
+    assert str(e.value) == NO_TRAINING.format(path=src, n=len(lines))
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "malformed lines skipped" in line] == ([report] if report else [])
+
+
+def test_cli_no_training_rows_prints_the_report_then_one_line_error(tmp_path):
+    src = write_lines(tmp_path / "d.tsv", ALL_MALFORMED)
+    r = run_cli("--in", str(src), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-2:] == [ALL_MALFORMED_REPORT,
+                                          "distrec: error: " + NO_TRAINING.format(path=src, n=3)]

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from distrec.data.loader import READER_THREAD, _background
+from distrec.train import main
 from distrec.trainer import checkpoint as ckpt
 from distrec.trainer.dist import DistContext
 from distrec.trainer.locks import LOCK_FILE, lock_run_dirs, release
-from distrec.train import main
 from tests.conftest import run_cli
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distrec.trainer import checkpoint as ckpt
 from distrec.train import main
+from distrec.trainer import checkpoint as ckpt
 from tests.conftest import run_cli
 
 

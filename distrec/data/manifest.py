@@ -16,8 +16,9 @@ cardinalities, per-split rows and files, and how the data was made.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from sharding.files import atomic_write, read_versioned_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -30,9 +31,7 @@ class DataError(ValueError):
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
     """Write atomically: a reader never sees half a manifest."""
     path = Path(out_dir) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2, sort_keys=True))
     return path
 
 
@@ -41,14 +40,7 @@ def read_manifest(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: no manifest; make the data with `distrec data synth` or "
                         f"`distrec data preprocess` first")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON: {e}") from None
-    if m.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version {m.get('format_version')!r}, this distrec reads "
-                        f"{FORMAT_VERSION}")
-    return m
+    return read_versioned_json(path, "format_version", FORMAT_VERSION, DataError, "manifest")
 
 
 def split_files(data_dir: str | Path, manifest: dict, split: str) -> list[Path]:

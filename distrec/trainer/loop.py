@@ -8,14 +8,14 @@ import time
 
 from distrec.config import Config, to_dict
 from distrec.data.loader import ParquetLoader
+from distrec.trainer.checkpoint import save_sharded
+from distrec.trainer.dist import DistContext, all_gather_object
 from distrec.trainer.evaluate import evaluate
+from distrec.trainer.logs import MetricsLog
+from distrec.trainer.phases import PhaseTimer, TimedOptimizer
 from distrec.trainer.pipeline import pipelined
 from distrec.trainer.state import Position, training_state
 from distrec.trainer.step import train_step
-from distrec.trainer.checkpoint import save_sharded
-from distrec.trainer.dist import DistContext, all_gather_object
-from distrec.trainer.logs import MetricsLog
-from distrec.trainer.phases import PhaseTimer, TimedOptimizer
 from distrec.trainer.window import Window
 
 

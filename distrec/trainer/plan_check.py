@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import resource
 
-from distrec.trainer.plan_inputs import calibration_file, tables_of, topology_of, workload_of
 from distrec.trainer.dist import all_gather_object
+from distrec.trainer.plan_inputs import calibration_file, tables_of, topology_of, workload_of
 from sharding.planner import GB, estimate_plan
 from sharding.planner.types import PlannerError
 

@@ -1,7 +1,7 @@
 """The planner's vocabulary: the machine (Topology), the work beside the tables (Workload), per-table
 constraints, candidate shardings (ShardOption), their estimated costs, and the result.
 
-    topo = Topology.preset("h100-80g", world_size=8, hbm_bytes=16 * GB)
+    topo = make_topology("h100-80g", world_size=8, hbm_bytes=16 * GB)     # sharding.planner.topology
     work = Workload(batch_per_rank=8192, optimizer="adagrad", pooling={"C1": 1.0})
     result = plan_tables(tables, topo, work)     # -> PlanResult; result.plan is a ShardingPlan
 
@@ -82,12 +82,6 @@ class Topology:
 
     def with_(self, **changes) -> "Topology":
         return replace(self, **changes)
-
-    @staticmethod
-    def preset(name: str, world_size: int, nodes: int = 1, **overrides) -> "Topology":
-        from sharding.planner.topology import make_topology
-
-        return make_topology(name, world_size, nodes, **overrides)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Bad input and faults, one row each: exit code, seconds to exit, the first error line, and whether the
 latest checkpoint still loads afterwards. The table goes into docs/reliability.md.
 
-    python benchmarks/fault_matrix.py                       # every case, on small synthetic data (~3 min)
-    python benchmarks/fault_matrix.py --cases typo,kill-rank
+    python -m benchmarks.fault_matrix                       # every case, on small synthetic data (~4 min)
+    python -m benchmarks.fault_matrix --cases typo,kill-rank
 
 Each case runs the real commands (``python -m distrec.train``, torchrun, ``distrec reshard``,
 ``distrec ps``) in subprocesses with timeouts, so no case can hang the script.

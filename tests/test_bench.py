@@ -131,3 +131,12 @@ def test_profiling_changes_no_result(small_data, tmp_path):
         kinds = {r["kind"] for r in records}
         assert ("breakdown" in kinds) == bool(profile)
     assert finals[0] == finals[1]
+
+
+def test_a_restricted_sweep_says_no_ratio_was_requested(tmp_path):
+    doc = results()
+    doc["options"].update(engines=["sync"], ranks=[2])
+    doc["runs"] = [r for r in doc["runs"] if r["engine"] == "sync" and r["ranks"] == 2]
+    readme = write_report(doc, tmp_path).read_text()
+    assert "No headline ratio: none was requested. This sweep ran engine(s) sync at rank count(s) 2" in readme
+    assert "did not succeed" not in readme

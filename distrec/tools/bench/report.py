@@ -17,7 +17,8 @@ def write_report(doc: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(doc["runs"])
     plots = draw_all(doc, groups, out)
-    text = "\n".join([*header(doc), *headline_section(groups), *machine_section(doc), *plots_section(plots),
+    text = "\n".join([*header(doc), *headline_section(groups, doc.get("options", {})), *machine_section(doc),
+                      *plots_section(plots),
                       *results_section(groups), *projection_section(doc), *failures_section(doc["runs"]),
                       *method_section(doc)])
     path = out / "README.md"
@@ -46,6 +47,16 @@ def header(doc: dict) -> list[str]:
             *not_run_note(doc), ""]
 
 
+def no_headline_reason(options: dict) -> str:
+    """Every headline ratio compares two engines, or one engine at two rank counts."""
+    engines, ranks = options.get("engines", []), options.get("ranks", [])
+    if len(engines) < 2 and len(ranks) < 2:
+        return (f"No headline ratio: none was requested. This sweep ran engine(s) {', '.join(engines) or '-'} at "
+                f"rank count(s) {', '.join(map(str, ranks)) or '-'}, and every ratio compares two engines or two "
+                "rank counts.")
+    return "No headline ratio could be formed: the runs it needs did not succeed (see below)."
+
+
 def not_run_note(doc: dict) -> list[str]:
     left = doc.get("not_run") or []
     if not left:
@@ -56,11 +67,11 @@ def not_run_note(doc: dict) -> list[str]:
             + (f" ({', '.join(first)})" if first else "") + "; the tables show the repeats that ran."]
 
 
-def headline_section(groups: dict[str, Group]) -> list[str]:
+def headline_section(groups: dict[str, Group], options: dict) -> list[str]:
     lines = ["## Headline", ""]
     items = headline(groups)
     if not items:
-        return lines + ["No headline ratio could be formed: the runs it needs did not succeed (see below).", ""]
+        return lines + [no_headline_reason(options), ""]
     for h in items:
         extra = f"; AUC {'+' if h['auc_delta'] >= 0 else ''}{h['auc_delta']:.4f} for sync" if "auc_delta" in h else ""
         lines.append(f"- **{h['name']}: {h['value']:.2f}** ({fmt(h['a_value'])} vs {fmt(h['b_value'])} samples/s"

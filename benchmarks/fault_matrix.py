@@ -195,8 +195,9 @@ def case_rows(c: Case, selected: set[str] | None):
         yield "kill -9 of a rank", killed_during(c, "kr", cmd, when), c.ckpt("kr")
     if want("kill-save"):
         cmd = c.train_cmd("ks", "--train.epochs=50", "--checkpoint.every_steps=2", ranks=2)
-        when = lambda p: p.pid if any(c.ckpt("ks").glob(".tmp-step_*")) and list(c.ckpt("ks").glob("step_*")) else None
-        yield "kill -9 of torchrun during a save", killed_during(c, "ks", cmd, when), c.ckpt("ks")
+        when = lambda p: (children(p.pid) or [None])[-1] \
+            if any(c.ckpt("ks").glob(".tmp-step_*")) and list(c.ckpt("ks").glob("step_*")) else None
+        yield "kill -9 of a rank during a save", killed_during(c, "ks", cmd, when), c.ckpt("ks")
     for role in ("worker", "server"):
         if want(f"ps-{role}"):
             cmd = [sys.executable, "-m", "distrec", "ps", "--workers", "2", "--servers", "1", "--config", str(c.cfg),

@@ -73,7 +73,8 @@ def test_a_killed_worker_stops_the_run_with_its_name(small_data, tmp_path):
     _, err = proc.communicate(timeout=90)
     assert proc.returncode != 0
     assert time.monotonic() - killed < 60
-    assert f"distrec ps: error: worker 1 (pid {pid}) died (exit code -9); stopping" in err
+    said = f"distrec ps: error: worker 1 (pid {pid}) died (exit code -9); stopping"
+    assert err.strip().splitlines()[-1] == said and err.count(said) == 1  # once, and last
     assert "Traceback" not in err
 
 

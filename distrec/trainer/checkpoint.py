@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from distrec.trainer.dist import all_gather_object
-from sharding.files import atomic_write
+from sharding.files import atomic_write, read_versioned_json
 
 LATEST = "latest"
 COMMON, INDEX = "common.pt", "index.json"
@@ -217,16 +217,9 @@ class Checkpoint:
 
 def _read_index(path: Path) -> dict:
     index = path / INDEX
-    try:
-        doc = json.loads(index.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{index}: missing (an incomplete or damaged checkpoint)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index}: unreadable ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{index}: format_version {doc.get('format_version') if isinstance(doc, dict) else None!r}"
-                              f", this distrec reads {FORMAT_VERSION}")
-    return doc
+    if not index.is_file():
+        raise CheckpointError(f"{index}: missing (an incomplete or damaged checkpoint)")
+    return read_versioned_json(index, "format_version", FORMAT_VERSION, CheckpointError, "checkpoint index")
 
 
 def verify(path: Path) -> None:

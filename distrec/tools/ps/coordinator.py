@@ -79,9 +79,14 @@ def evaluate(cfg: Config, specs: list[TableSpec], client: ServerClient) -> dict:
     return {"auc": auc(p, y), "logloss": logloss(p, y), "rows": int(y.size)}
 
 
+_FAILING = threading.Lock()  # the watchdog and the main thread may both see a death: one of them says it
+
+
 def fail(message: str, procs: dict) -> None:
     """Print one error line, kill the local processes and exit non-zero at once: a clean RPC shutdown
     would wait for the process that is gone."""
+    if not _FAILING.acquire(blocking=False):
+        time.sleep(60)  # the other thread is saying it and ends the process
     print(f"distrec ps: error: {message}; stopping", file=sys.stderr, flush=True)
     for proc in procs.values():
         if proc is not None and proc.exitcode is None:

@@ -59,10 +59,12 @@ def init_rpc(name: str, cfg: Config, init_method: str) -> None:
     rpc.init_rpc(name, rank=names(cfg).index(name), world_size=len(names(cfg)), rpc_backend_options=options)
 
 
-def serve(name: str, cfg: Config, init_method: str) -> None:
+def serve(name: str, cfg: Config, init_method: str, stderr_path: str | None = None) -> None:
     """A server or worker process: join the RPC group, answer calls until the coordinator is done.
     If the coordinator stops answering, exit non-zero instead of waiting for it forever."""
     torch.set_num_threads(cfg.ps.threads_per_process)
+    if stderr_path:  # a local child: its RPC warnings and tracebacks go to a file, the coordinator says what happened
+        os.dup2(os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
     init_rpc(name, cfg, init_method)
     threading.Thread(target=watch_coordinator, args=(name, cfg.ps.timeout_s), daemon=True).start()
     rpc.shutdown()  # returns once every process has called it, i.e. when the coordinator is done
@@ -165,7 +167,10 @@ def launch_local(cfg: Config) -> dict:
     store = tempfile.mkdtemp(prefix="distrec-ps-")
     init_method = f"file://{store}/store"
     ctx = mp.get_context("spawn")
-    procs = {name: ctx.Process(target=serve, args=(name, cfg, init_method), name=name) for name in names(cfg)[1:]}
+    logs = Path(cfg.logging.dir) if cfg.logging.dir else Path(store)
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = {name: ctx.Process(target=serve, args=(name, cfg, init_method, str(logs / f"{name}.stderr")), name=name)
+             for name in names(cfg)[1:]}
     for proc in procs.values():
         proc.start()
     print("processes: " + ", ".join(f"{label(n)} pid {p.pid}" for n, p in procs.items()), flush=True)

@@ -24,13 +24,9 @@ import sys
 import time
 import traceback
 from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sharding.planner import GB, PlannerError, Workload, estimate_plan, make_topology, plan_tables  # noqa: E402
-from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig, TablePlan  # noqa: E402
+from sharding.planner import GB, PlannerError, Workload, estimate_plan, make_topology, plan_tables
+from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig, TablePlan
 
 BATCH_PER_RANK = 8192
 RANKS_PER_NODE = 8

@@ -9,27 +9,24 @@ Prints Markdown rows for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distrec.config import load_config, table_specs  # noqa: E402
-from distrec.model.dlrm import DLRM  # noqa: E402
-from distrec.tools.data.synth import zipf_ids  # noqa: E402
-from distrec.trainer.optim import make_optimizers, sparse_spec  # noqa: E402
-from distrec.trainer.step import train_step  # noqa: E402
-from sharding.jagged import JaggedBatch  # noqa: E402
-from sharding.optim import OptimSpec  # noqa: E402
-from sharding.plan import simple_plan  # noqa: E402
-from sharding.runtime import EmbeddingOptimizer, ShardedEmbeddingCollection  # noqa: E402
-from sharding.types import TableConfig  # noqa: E402
-from tests.ranks import run_ranks  # noqa: E402
+from distrec.config import load_config, table_specs
+from distrec.model.dlrm import DLRM
+from distrec.tools.data.synth import zipf_ids
+from distrec.trainer.optim import make_optimizers, sparse_spec
+from distrec.trainer.step import train_step
+from sharding.jagged import JaggedBatch
+from sharding.optim import OptimSpec
+from sharding.planner import simple_plan
+from sharding.runtime import EmbeddingOptimizer, ShardedEmbeddingCollection
+from sharding.types import TableConfig
+from tests.ranks import run_ranks
 
 
 

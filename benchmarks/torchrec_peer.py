@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -37,14 +36,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from distrec.config import load_config, table_specs  # noqa: E402
-from distrec.data.loader import Batch  # noqa: E402
-from distrec.tools.data.synth import zipf_ids  # noqa: E402
-from sharding.comm import close_process_group, init_process_group  # noqa: E402
-from sharding.jagged import JaggedBatch  # noqa: E402
-from sharding.types import TableConfig  # noqa: E402
+from distrec.config import load_config, table_specs
+from distrec.data.loader import Batch
+from distrec.tools.data.synth import zipf_ids
+from sharding.comm import close_process_group, init_process_group
+from sharding.jagged import JaggedBatch
+from sharding.types import TableConfig
 
 WORLD = 2
 GLOBAL_BATCH = 8192
@@ -98,7 +96,7 @@ def distrec_rank(rank: int, world: int, plan_kind: str, steps: int, kernel: str)
     from distrec.model.dlrm import DLRM
     from distrec.trainer.dense_parallel import wrap_dense
     from sharding.optim import OptimSpec
-    from sharding.plan import simple_plan
+    from sharding.planner import simple_plan
     from sharding.runtime import EmbeddingOptimizer, ShardedEmbeddingCollection
 
     tables, cfg = demo_setup()
@@ -136,7 +134,7 @@ def torchrec_plan(ebc, tables: list[TableConfig], plan_kind: str, sharder, world
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, row_wise, table_wise
     from torchrec.distributed.types import ShardingPlan
 
-    from sharding.plan import simple_plan
+    from sharding.planner import simple_plan
 
     ours = simple_plan(tables, world, plan_kind)
     per_table = {t.name: row_wise(compute_kernel="fused") if plan_kind == "row_wise"

@@ -34,12 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from distrec.config import TableSpec, load_config, table_specs  # noqa: E402
-from distrec.model.dlrm import DLRM  # noqa: E402
-from sharding.jagged import JaggedBatch  # noqa: E402
-from sharding.optim import KINDS, OptimSpec, SparseOptimizer  # noqa: E402
+from distrec.config import TableSpec, load_config, table_specs
+from distrec.model.dlrm import DLRM
+from sharding.jagged import JaggedBatch
+from sharding.optim import KINDS, OptimSpec, SparseOptimizer
 
 # Memory bandwidth by device name; the first entry whose key is in torch.cuda.get_device_name() wins.
 PEAK_BYTES_PER_S = (("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12),

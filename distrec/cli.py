@@ -73,47 +73,46 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
     return plan_main(args, rest)
 
 
+OVERRIDES = "Further arguments are config overrides: --section.key=value"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distrec", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"distrec {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("doctor", help="versions, compatibility, backends, GPUs").set_defaults(func=_doctor)
     data = sub.add_parser("data", help="make data sets").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="synthetic Criteo-shaped data from a hidden teacher model",
-                            epilog="Further arguments are config overrides: --section.key=value")
+    synth = data.add_parser("synth", help="synthetic Criteo-shaped data from a hidden teacher model", epilog=OVERRIDES)
     synth.add_argument("--config", required=True)
     synth.add_argument("--out", required=True)
     synth.set_defaults(func=_synth)
     from distrec.tools.data.preprocess import add_arguments as add_preprocess_arguments
 
-    pre = data.add_parser("preprocess", help="Criteo TSV (plain or gzip) -> Parquet shards + manifest")
-    add_preprocess_arguments(pre)
-    pre.set_defaults(func=_preprocess)
+    _command(data, "preprocess", "Criteo TSV (plain or gzip) -> Parquet shards + manifest", add_preprocess_arguments,
+             _preprocess, epilog=None)
     from distrec.tools.reshard import add_arguments as add_reshard_arguments
 
-    reshard = sub.add_parser("reshard", help="re-cut a checkpoint for another plan / world size, or unshard it",
-                             epilog="Further arguments are config overrides for the target plan: --plan.default=...")
-    add_reshard_arguments(reshard)
-    reshard.set_defaults(func=_reshard)
+    _command(sub, "reshard", "re-cut a checkpoint for another plan / world size, or unshard it", add_reshard_arguments,
+             _reshard, epilog="Further arguments are config overrides for the target plan: --plan.default=...")
     from distrec.tools.ps.launch import add_arguments as add_ps_arguments
 
-    ps = sub.add_parser("ps", help="asynchronous parameter-server training on CPU (torch.distributed.rpc)",
-                        epilog="Further arguments are config overrides: --section.key=value")
-    add_ps_arguments(ps)
-    ps.set_defaults(func=_ps)
+    _command(sub, "ps", "asynchronous parameter-server training on CPU (torch.distributed.rpc)", add_ps_arguments, _ps)
     from distrec.tools.plan import add_arguments as add_plan_arguments
 
-    plan = sub.add_parser("plan", help="place the embedding tables on N ranks: estimated memory, step time, why",
-                          epilog="Further arguments are config overrides: --section.key=value")
-    add_plan_arguments(plan)
-    plan.set_defaults(func=_plan)
+    _command(sub, "plan", "place the embedding tables on N ranks: estimated memory, step time, why", add_plan_arguments,
+             _plan)
     from distrec.tools.bench.cli import add_arguments as add_bench_arguments
 
-    bench = sub.add_parser("bench", help="scaling benchmark report: sweep engines, strategies and ranks; "
-                           "`bench compare A B`")
-    add_bench_arguments(bench)
-    bench.set_defaults(func=_bench)
+    _command(sub, "bench", "scaling benchmark report: sweep engines, strategies and ranks; `bench compare A B`",
+             add_bench_arguments, _bench, epilog=None)
     return p
+
+
+def _command(sub, name: str, help: str, add_arguments, func, epilog: str | None = OVERRIDES) -> None:
+    """A subcommand whose options its own module adds (its module is imported only to add them)."""
+    parser = sub.add_parser(name, help=help, epilog=epilog)
+    add_arguments(parser)
+    parser.set_defaults(func=func)
 
 
 def main(argv: list[str] | None = None) -> int:

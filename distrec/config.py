@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The sparse operation kit's vocabularies: configs are checked against the names the kit defines.
+from sharding.planner.topology import PRESETS
+from sharding.types import KERNELS, OPTIMIZERS, SHARDING_TYPES
+
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_CATEGORICAL = [f"C{i}" for i in range(1, 27)]
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "data_parallel", "table_row_wise")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")  # distrec.trainer.optim.dense_optimizer
 
 
 class ConfigError(ValueError):
@@ -225,14 +229,14 @@ CHOICES = {
     ("schema", "preset"): ("criteo", "none"),
     ("tables", "pooling"): ("sum", "mean"),
     ("model", "interaction"): ("dot", "dcn"),
-    ("optimizer", "dense"): ("sgd", "adagrad", "adam"),
-    ("optimizer", "sparse"): ("sgd", "adagrad", "rowwise_adagrad", "adam"),
+    ("optimizer", "dense"): DENSE_OPTIMIZERS,
+    ("optimizer", "sparse"): OPTIMIZERS,
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("plan", "default"): SHARDING_TYPES,
-    ("plan", "kernel"): ("auto", "torch", "fbgemm", "triton"),
+    ("plan", "kernel"): KERNELS,
     ("dense", "engine"): ("ddp", "horovod"),
     ("ps", "partition"): ("hash", "range"),
-    ("planner", "preset"): ("a100-80g", "h100-80g", "h200", "cpu"),
+    ("planner", "preset"): tuple(PRESETS),
 }
 
 

@@ -25,7 +25,8 @@ from distrec.trainer.optim import make_optimizers, sparse_spec
 from distrec.trainer.phases import PhaseTimer
 from distrec.trainer.plan_check import report_plan_check
 from distrec.trainer.state import Position, restore
-from sharding.plan import describe_plan, load_plan, simple_plan
+from sharding.plan import describe_plan, load_plan
+from sharding.planner import simple_plan
 from sharding.runtime import InputError, ShardedEmbeddingCollection
 from sharding.types import PlanError, TableConfig
 

@@ -4,6 +4,7 @@
 #       launch/multinode.sh configs/demo.toml --data.path=/shared/criteo
 # Arguments after CONFIG are config overrides (--section.key=value), passed to distrec.train as they are.
 set -euo pipefail
+. "$(dirname "$0")/common.sh"
 
 usage="usage: NNODES=N NODE_RANK=R MASTER_ADDR=HOST MASTER_PORT=PORT NPROC_PER_NODE=P $0 CONFIG [--section.key=value ...]"
 missing=()
@@ -17,10 +18,7 @@ if [[ $# -lt 1 || ${#missing[@]} -gt 0 ]]; then
 fi
 config=$1
 shift
-if ! command -v torchrun >/dev/null; then
-    echo "torchrun is not on PATH: activate the environment first (. .venv/bin/activate)" >&2
-    exit 2
-fi
+need_command torchrun "activate the environment first (. .venv/bin/activate)"
 
 # c10d rendezvous is hosted by the agent on MASTER_ADDR (it needs no separate store); with it the
 # global ranks follow the rendezvous order, and NODE_RANK only labels this node. RDZV_ID keeps two

@@ -24,9 +24,8 @@ from torch import nn
 
 from sharding.init import init_rows
 from sharding.optim import OptimSpec, SparseOptimizer
-from sharding.types import Shard, TableConfig
+from sharding.types import KERNELS, Shard, TableConfig
 
-KERNELS = ("auto", "torch", "fbgemm", "triton")
 
 
 @dataclass(frozen=True)

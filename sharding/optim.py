@@ -36,7 +36,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-KINDS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+from sharding.types import OPTIMIZERS
+
+KINDS = OPTIMIZERS  # the names are the kit's vocabulary (sharding.types)
 
 
 @dataclass(frozen=True)

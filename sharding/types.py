@@ -9,12 +9,13 @@ Every table has a plan; a table-wise table has one shard (all rows and columns),
 shard per row range, a column-wise table one shard per column range, and a data-parallel table one
 full shard on every rank (a replica; its gradients are all-reduced). A table-row-wise table is row-wise
 with its shards on the ranks of one node only (the planner's choice when nodes > 1); the runtime routes
-it like any row-wise table.
+it like any row-wise table. ``sharding.sharding_types`` says how each type cuts a table and what it
+exchanges; the names below are the kit's vocabulary, which configs and command lines check against.
 """
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 class ShardingType(str, enum.Enum):
@@ -23,6 +24,11 @@ class ShardingType(str, enum.Enum):
     COLUMN_WISE = "column_wise"
     DATA_PARALLEL = "data_parallel"
     TABLE_ROW_WISE = "table_row_wise"
+
+
+SHARDING_TYPES = tuple(t.value for t in ShardingType)
+KERNELS = ("auto", "torch", "fbgemm", "triton")  # lookup kernels (sharding.lookup picks "auto")
+OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")  # fused sparse optimizers (sharding.optim)
 
 
 class PlanError(ValueError):
@@ -39,9 +45,10 @@ class TableConfig:
 
 @dataclass(frozen=True)
 class Shard:
-    """Rows [row_start, row_end) and columns [col_start, col_end) of a table, held by ``rank``."""
+    """Rows [row_start, row_end) and columns [col_start, col_end) of a table, held by ``rank``; a cut
+    not yet placed (the planner's candidates) has ``rank`` None: ``Shard(None, 0, 500, 0, 16).on(3)``."""
 
-    rank: int
+    rank: int | None
     row_start: int
     row_end: int
     col_start: int
@@ -55,6 +62,9 @@ class Shard:
     def width(self) -> int:
         return self.col_end - self.col_start
 
+    def on(self, rank: int) -> "Shard":
+        return replace(self, rank=rank)
+
 
 @dataclass
 class TablePlan:
@@ -67,3 +77,15 @@ class TablePlan:
 class ShardingPlan:
     world_size: int
     tables: dict[str, TablePlan]  # by table name
+
+
+def rank_list(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5": short even for data-parallel tables on many ranks."""
+    parts, i = [], 0
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        parts.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
+        i = j + 1
+    return ",".join(parts) or "-"

@@ -1,4 +1,4 @@
-"""sharding.plan: simple_plan layouts, validate_plan, plan JSON files, describe_plan."""
+"""sharding.planner.simple_plan layouts; sharding.plan: validate_plan, plan JSON files, describe_plan."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from sharding.plan import (describe_plan, load_plan, plan_to_json, save_plan, simple_plan, table_hash,
-                           validate_plan)
+from sharding.plan import describe_plan, load_plan, plan_to_json, save_plan, table_hash, validate_plan
+from sharding.planner import simple_plan
 from sharding.types import PlanError, Shard, ShardingPlan, ShardingType, TableConfig, TablePlan
 
 TW, RW, CW, DP = (ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.COLUMN_WISE,
@@ -334,8 +334,8 @@ def _edit(path, fn):
 
 
 @pytest.mark.parametrize("edit,pattern", [
-    (lambda d: d.__setitem__("format_version", 2), r"format_version is 2"),
-    (lambda d: d.pop("format_version"), r"format_version is None"),
+    (lambda d: d.__setitem__("format_version", 2), r"plan\.json: sharding plan format_version 2, this code reads 1"),
+    (lambda d: d.pop("format_version"), r"plan\.json: sharding plan format_version None, this code reads 1"),
     (lambda d: d.__setitem__("table_hash", "0" * 64), r"table_hash does not match"),
     (lambda d: d["tables"]["C2"].update(pooling="sum"), r"C2 has pooling 'sum' in the plan but 'mean'"),
     (lambda d: d["tables"]["C4"]["shards"][0].update(rank=7), r"plan\.json: plan places table C4 on rank 7"),
@@ -363,7 +363,7 @@ def test_load_pooling_missing_from_file_falls_back_to_hash(saved):
 def test_load_bad_json(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text("{not json")
-    with pytest.raises(PlanError, match="not valid JSON"):
+    with pytest.raises(PlanError, match=r"plan\.json: not a readable sharding plan file"):
         load_plan(path, tables4(), 4)
 
 

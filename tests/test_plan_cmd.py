@@ -11,7 +11,7 @@ import pytest
 from distrec.cli import main
 from distrec.config import load_config, table_specs
 from sharding.plan import load_plan
-from sharding.planner.calibrate import load_calibration
+from sharding.planner.calibration import load_calibration
 from sharding.types import ShardingType, TableConfig
 from tests.conftest import REPO, run_cli
 

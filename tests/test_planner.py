@@ -8,16 +8,13 @@ import torch
 from distrec.trainer.plan_check import measured_bytes
 from sharding.jagged import JaggedBatch
 from sharding.optim import KINDS, OptimSpec
-from sharding.plan import load_plan, save_plan, simple_plan, validate_plan
+from sharding.plan import load_plan, save_plan, validate_plan
 from sharding.planner import (GB, DenseCost, InfeasiblePlanError, PlannerError, TableConstraints, Topology, Workload,
-                              estimate_plan, make_topology, plan_tables)
-from sharding.planner.calibrate import CalibrationSpec, apply_calibration, load_calibration, save_calibration
+                              estimate_plan, make_topology, plan_tables, simple_plan)
+from sharding.planner.calibration import CalibrationSpec, apply_calibration, load_calibration, save_calibration
 from sharding.planner.enumerators import column_counts, enumerate_options
-from sharding.planner.estimate import (MEM_BUFFERS, MEM_OPTIMIZER, MEM_WEIGHTS, MEM_WORKSPACE, T_ALLREDUCE, T_BWD,
-                                       T_FWD, X_GRAD, X_IDS, X_OUT, RankModel, alltoall_seconds_per_byte,
-                                       optimizer_bytes, piece_cost)
+from sharding.planner.estimate import PieceCost, RankModel, alltoall_seconds_per_byte, optimizer_bytes, piece_cost
 from sharding.planner.report import format_result, format_what_if
-from sharding.planner.types import Piece
 from sharding.runtime import ShardedEmbeddingCollection
 from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig, TablePlan
 from tests.ranks import run_ranks
@@ -50,42 +47,42 @@ def terabyte_tables() -> list[TableConfig]:
 
 def test_table_wise_shard_costs_by_hand():
     t = TableConfig("t", 1000, 16)
-    c = piece_cost(t, Piece(0, 1000, 0, 16), TW, work(), simple_topology())
+    c = piece_cost(t, Shard(None, 0, 1000, 0, 16), TW, work(), simple_topology())
     # 100 samples x 4 ranks = 400 bags, 2 ids each = 800 ids; a row is 16 x 4 = 64 bytes; 800 rows touched.
-    assert c[MEM_WEIGHTS] == 1000 * 64 and c[MEM_OPTIMIZER] == 1000 * 64  # adagrad: a sum per weight
-    assert c[T_FWD] == pytest.approx((800 + 400) * 64 / 0.5e9)  # read rows, write pooled bags
+    assert c.weights == 1000 * 64 and c.optimizer == 1000 * 64  # adagrad: a sum per weight
+    assert c.lookup_fwd_s == pytest.approx((800 + 400) * 64 / 0.5e9)  # read rows, write pooled bags
     # read pooled grads + sparse grad rows with int64 index + read/write each touched row and its state
-    assert c[T_BWD] == pytest.approx((400 * 64 + 800 * (64 + 8) + 800 * 2 * (64 + 64)) / 0.5e9)
-    assert c[X_IDS] == (800 + 400) * 8 and c[X_OUT] == c[X_GRAD] == 400 * 64
-    assert c[MEM_WORKSPACE] == 800 * (64 + 8) + 800 * 64 * 3
-    assert c[MEM_BUFFERS] == (800 + 400) * 8 + 2 * 400 * 64
-    assert c[T_ALLREDUCE] == 0
+    assert c.lookup_bwd_s == pytest.approx((400 * 64 + 800 * (64 + 8) + 800 * 2 * (64 + 64)) / 0.5e9)
+    assert c.ids_in == (800 + 400) * 8 and c.pooled_out == c.grads_in == 400 * 64
+    assert c.workspace == 800 * (64 + 8) + 800 * 64 * 3
+    assert c.buffers == (800 + 400) * 8 + 2 * 400 * 64
+    assert c.allreduce_s == 0
 
 
 def test_row_wise_shard_serves_its_rows_share_of_the_ids():
     t = TableConfig("t", 1000, 16)
-    c = piece_cost(t, Piece(0, 250, 0, 16), RW, work(optimizer="sgd"), simple_topology())
+    c = piece_cost(t, Shard(None, 0, 250, 0, 16), RW, work(optimizer="sgd"), simple_topology())
     # a quarter of the rows: 200 of the 800 ids, still all 400 bags (partial sums for every sample)
-    assert c[MEM_WEIGHTS] == 250 * 64 and c[MEM_OPTIMIZER] == 0
-    assert c[T_FWD] == pytest.approx((200 + 400) * 64 / 0.5e9)
-    assert c[T_BWD] == pytest.approx((400 * 64 + 200 * 72 + 200 * 2 * 64) / 0.5e9)
-    assert c[X_IDS] == (200 + 400) * 8 and c[X_OUT] == 400 * 64
+    assert c.weights == 250 * 64 and c.optimizer == 0
+    assert c.lookup_fwd_s == pytest.approx((200 + 400) * 64 / 0.5e9)
+    assert c.lookup_bwd_s == pytest.approx((400 * 64 + 200 * 72 + 200 * 2 * 64) / 0.5e9)
+    assert c.ids_in == (200 + 400) * 8 and c.pooled_out == 400 * 64
 
 
 def test_replica_costs_an_all_reduce_of_the_whole_table():
     t = TableConfig("t", 1000, 16)
-    c = piece_cost(t, Piece(0, 1000, 0, 16), DP, work(optimizer="rowwise_adagrad"), simple_topology())
+    c = piece_cost(t, Shard(None, 0, 1000, 0, 16), DP, work(optimizer="rowwise_adagrad"), simple_topology())
     # own samples only: 100 bags, 200 ids; the all-reduce moves rows x (16 + 1) fp32, ring 2 (W-1)/W
-    assert c[MEM_OPTIMIZER] == 1000 * 4
-    assert c[T_FWD] == pytest.approx((200 + 100) * 64 / 0.5e9)
+    assert c.optimizer == 1000 * 4
+    assert c.lookup_fwd_s == pytest.approx((200 + 100) * 64 / 0.5e9)
     # backward: as a shard's, but the rows all 4 ranks touched (800 ids) are updated, the ids are sorted
     # (coalesce: 2 passes of 16 bytes) and the [rows, 17] buffer is passed over 5 times
     touched = 800
-    assert c[T_BWD] == pytest.approx((100 * 64 + 200 * 72 + touched * 2 * (64 + 4) + 200 * 2 * 16
+    assert c.lookup_bwd_s == pytest.approx((100 * 64 + 200 * 72 + touched * 2 * (64 + 4) + 200 * 2 * 16
                                       + 1000 * 68 * 5) / 0.5e9)
-    assert c[T_ALLREDUCE] == pytest.approx(2 * 3 / 4 * 1000 * 17 * 4 / 1e8)
-    assert c[X_IDS] == c[X_OUT] == c[X_GRAD] == 0
-    assert c[MEM_BUFFERS] == 1000 * 17 * 4 + 2 * 100 * 64
+    assert c.allreduce_s == pytest.approx(2 * 3 / 4 * 1000 * 17 * 4 / 1e8)
+    assert c.ids_in == c.pooled_out == c.grads_in == 0
+    assert c.buffers == 1000 * 17 * 4 + 2 * 100 * 64
 
 
 @pytest.mark.parametrize("kind,expected", [("sgd", 0), ("adagrad", 10 * 8 * 4), ("rowwise_adagrad", 10 * 4),
@@ -108,9 +105,9 @@ def test_rank_time_takes_the_larger_side_of_each_all_to_all():
                       sharded=True)
     s = 1 / 2 / 1e8
     # owner sends 8000 pooled bytes but receives only 1000 of its own: each exchange costs its larger side
-    v = [0.0] * 10
-    v[T_FWD], v[X_IDS], v[X_OUT], v[X_GRAD] = 0.001, 3000.0, 8000.0, 2000.0
-    assert model.total_s(v) == pytest.approx(0.001 + (3000 + 8000 + 5000) * s)
+    v = PieceCost(lookup_fwd_s=0.001, ids_in=3000.0, pooled_out=8000.0, grads_in=2000.0)
+    assert model.time(v).total == pytest.approx(0.001 + (3000 + 8000 + 5000) * s)
+    assert model.times([0.001], [3000.0], [8000.0], [2000.0]) == [pytest.approx(model.time(v).total)]
 
 
 def test_estimated_memory_is_what_the_runtime_allocates():
@@ -135,7 +132,7 @@ def test_options_per_table():
     assert [o.label for o in big] == ["table_wise", "row_wise x8", "column_wise x2", "column_wise x4",
                                       "column_wise x8", "table_row_wise x4"]
     small = enumerate_options(TableConfig("s", 10, 64), simple_topology(world=8), TableConstraints(), 1e6)
-    assert small[-1].kind is DP and len(small[-1].pieces) == 8
+    assert small[-1].kind is DP and len(small[-1].shards) == 8
     assert column_counts(24, 8) == [2, 3]  # widths 12 and 8; 4 would make 6-wide shards
 
 
@@ -301,8 +298,7 @@ def test_calibration_round_trip_and_use(tmp_path):
 
 def test_calibration_recovers_the_rates_of_a_machine_that_follows_the_model():
     """Seconds made by the cost model for known rates; the two-size fits must give those rates back."""
-    from sharding.plan import simple_plan
-    from sharding.planner.calibrate import _alltoall_sizes, _rates
+    from sharding.planner.calibration import alltoall_sizes, rates_from_seconds
 
     spec = CalibrationSpec(world_size=2, tables=[(5000, 16), (300, 16), (40, 8)], batch_per_rank=1024,
                            dense=DenseCost(flops_per_sample=1e5, params=1000))
@@ -314,12 +310,12 @@ def test_calibration_recovers_the_rates_of_a_machine_that_follows_the_model():
         ranks = estimate_plan(simple_plan(tables, 2, kind), tables, true, spec.workload(batch))
         return max(r.time.total for r in ranks) + 2e-3  # + the runtime's fixed cost
 
-    slowest = {"alltoall": [1e-4 + n * 4 / 2 / 5e8 for n in _alltoall_sizes(2)],
+    slowest = {"alltoall": [1e-4 + n * 4 / 2 / 5e8 for n in alltoall_sizes(2)],
                "runtime": [runtime_s(b) for b in spec.batches()],
                "dense": [3 * 1e5 * b / 1e10 + 1e-3 for b in spec.batches()]}
-    rates = _rates(spec, slowest)
+    rates = rates_from_seconds(spec, slowest)
     assert "replica_bytes_per_s" not in rates  # no replicated step measured
-    rates = _rates(spec, {**slowest, "replicated": [runtime_s(1024, "data_parallel")]})
+    rates = rates_from_seconds(spec, {**slowest, "replicated": [runtime_s(1024, "data_parallel")]})
     assert rates["replica_bytes_per_s"] == pytest.approx(0.25e9)
     assert rates["alltoall_bytes_per_s"] == pytest.approx(5e8) and rates["collective_latency_s"] == pytest.approx(1e-4)
     assert rates["lookup_bytes_per_s"] == pytest.approx(1e9)

@@ -5,7 +5,7 @@ import torch
 from distrec.train import main as train_main
 from distrec.trainer.checkpoint import load_latest, open_latest
 from sharding.checkpoint import recut
-from sharding.plan import simple_plan
+from sharding.planner import simple_plan
 from sharding.types import PlanError, Shard, TableConfig
 from tests.conftest import run_cli
 

@@ -10,7 +10,7 @@ from torch import nn
 from sharding.init import init_rows
 from sharding.jagged import JaggedBatch
 from sharding.optim import OptimSpec, SparseOptimizer
-from sharding.plan import simple_plan
+from sharding.planner import simple_plan
 from sharding.runtime import InputError, ShardedEmbeddingCollection
 from sharding.types import Shard, TableConfig, TablePlan
 from tests.ranks import run_ranks

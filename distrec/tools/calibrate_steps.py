@@ -23,8 +23,8 @@ from distrec.trainer.optim import make_optimizers, sparse_spec
 from distrec.trainer.plan_inputs import pooling_factors
 from distrec.trainer.step import train_step
 from sharding.jagged import JaggedBatch
-from sharding.plan import simple_plan
-from sharding.planner.calibrate import LOOKUP_ROWS
+from sharding.planner import simple_plan
+from sharding.planner.calibration import LOOKUP_ROWS
 from sharding.runtime import ShardedEmbeddingCollection
 from sharding.types import TableConfig
 

@@ -21,9 +21,11 @@ from distrec.config import Config, TableSpec, load_config, table_specs
 from distrec.trainer.plan_inputs import (CALIBRATION_ENV, DEFAULT_CALIBRATION, batch_per_rank, calibration_file,
                                          constraints_of, dense_cost, measure_pooling, pooling_factors, tables_of,
                                          topology_of, workload_of)
+from distrec.tools import calibrate_steps
+from sharding.calibrate import calibrate
 from sharding.plan import save_plan
 from sharding.planner import GB, PlannerError, plan_tables
-from sharding.planner.calibrate import CalibrationSpec, calibrate, save_calibration
+from sharding.planner.calibration import CalibrationSpec, save_calibration
 from sharding.planner.report import format_result, format_what_if
 
 WHAT_IF_KEYS = ("gpus", "nodes", "batch", "hbm-gb", "preset")
@@ -130,8 +132,8 @@ def _calibrate(cfg: Config, specs, args, rest: list[str]) -> int:
     spec = CalibrationSpec(world_size=ranks, tables=[(s.num_rows, s.dim) for s in specs],
                            batch_per_rank=args.batch_size or batch_per_rank(cfg, ranks), optimizer=cfg.optimizer.sparse,
                            pooling=sum(pooling_factors(cfg, specs).values()) / len(specs),
-                           dense=dense_cost(cfg, specs), dense_step="distrec.tools.calibrate_steps:dense_step",
-                           full_step="distrec.tools.calibrate_steps:train_step_table_wise", dense_args=(args.config, tuple(rest)))
+                           dense=dense_cost(cfg, specs), dense_step=calibrate_steps.dense_step,
+                           full_step=calibrate_steps.train_step_table_wise, dense_args=(args.config, tuple(rest)))
     print(f"calibrating on {ranks} local rank(s) with {len(specs)} tables, batch {spec.batch_per_rank} per rank ...",
           flush=True)
     rates = calibrate(spec)

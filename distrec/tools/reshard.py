@@ -17,7 +17,8 @@ import torch
 from distrec.config import Config, ConfigError, load_config
 from distrec.trainer.checkpoint import load_latest, save_checkpoint
 from sharding.checkpoint import recut, table_sizes, whole_tables
-from sharding.plan import load_plan, simple_plan
+from sharding.plan import load_plan
+from sharding.planner import simple_plan
 from sharding.types import TableConfig
 
 

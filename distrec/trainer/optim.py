@@ -13,7 +13,8 @@ from sharding.optim import OptimSpec
 from sharding.runtime import EmbeddingOptimizer
 
 
-def _dense(kind: str, params: list[nn.Parameter], lr: float, eps: float) -> torch.optim.Optimizer:
+def dense_optimizer(kind: str, params: list[nn.Parameter], lr: float, eps: float) -> torch.optim.Optimizer:
+    """``kind`` is one of config.DENSE_OPTIMIZERS: the trainer's MLPs and the PS servers' dense copy."""
     if kind == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if kind == "adagrad":
@@ -27,4 +28,4 @@ def sparse_spec(cfg: OptimizerConfig) -> OptimSpec:
 
 def make_optimizers(cfg: OptimizerConfig, model: nn.Module) -> list:
     """``model`` is the unwrapped DLRM whose embeddings were built with ``optim=sparse_spec(cfg)``."""
-    return [_dense(cfg.dense, model.dense_parameters(), cfg.dense_lr, cfg.eps), EmbeddingOptimizer(model.embeddings)]
+    return [dense_optimizer(cfg.dense, model.dense_parameters(), cfg.dense_lr, cfg.eps), EmbeddingOptimizer(model.embeddings)]

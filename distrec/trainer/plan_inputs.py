@@ -13,7 +13,7 @@ from pathlib import Path
 
 from distrec.config import Config, TableSpec
 from sharding.planner import GB, DenseCost, TableConstraints, Topology, Workload, make_topology
-from sharding.planner.calibrate import apply_calibration, load_calibration
+from sharding.planner.calibration import apply_calibration, load_calibration
 from sharding.types import ShardingType, TableConfig
 
 

@@ -1,195 +1,25 @@
-"""The planner: table specs + a topology + a batch size -> the ShardingPlan the runtime executes,
-with its estimated per-rank memory and step time and the reason for every table's placement.
+"""The planner: where each table's shards go. Two placements, one vocabulary, one cost model.
 
-    topo = make_topology("h100-80g", world_size=8, hbm_bytes=16e9)
-    result = plan_tables(tables, topo, Workload(batch_per_rank=8192, optimizer="adagrad"))
-    save_plan("plan.json", result.plan, tables)
+    plan = simple_plan(tables, world_size=8, default="row_wise")              # by table sizes alone
+    result = plan_tables(tables, make_topology("h100-80g", 8, hbm_bytes=16e9),
+                         Workload(batch_per_rank=8192, optimizer="adagrad"))   # by estimated cost
+    save_plan("plan.json", result.plan, tables)                               # sharding.plan
     print(format_result(result, tables))
 
-Stages, one module each: ``enumerators`` (options per table; not "enumerate", which would shadow the builtin here) -> ``estimate`` (memory and time of each
-shard) -> ``partition`` (choose and place) -> ``report`` (what is printed, and the message when
-nothing fits). ``topology`` holds the device presets, ``calibrate`` measures this machine's rates.
-Imports torch only (through ``sharding.optim``); TorchRec is never needed.
+Files, one per stage: ``types`` (the vocabulary), ``topology`` (device presets and where each number
+comes from), ``enumerators`` (candidate shardings per table) -> ``estimate`` (the cost model: bytes and
+seconds of a shard) -> ``partition`` (choose and place) -> ``report`` (what is printed); ``planner``
+orchestrates them, ``simple`` is the built-in placement, ``calibration`` turns measured seconds
+(``sharding.calibrate``) into rates. Nothing here runs the runtime; TorchRec is never needed.
 """
-from __future__ import annotations
-
-import math
-import time
-
-from sharding.plan import _check_tables, validate_plan
-from sharding.planner.enumerators import enumerate_options
-from sharding.planner.estimate import FP32_BYTES, estimate_plan, optimizer_bytes
-from sharding.planner.partition import MEM, Search
-from sharding.planner.report import explain, format_result, infeasible_message
+from sharding.planner.estimate import estimate_plan
+from sharding.planner.planner import DEFAULT_DP_MAX_BYTES, plan_tables
+from sharding.planner.report import format_result
+from sharding.planner.simple import simple_plan
 from sharding.planner.topology import PRESETS, make_topology
 from sharding.planner.types import (GB, DenseCost, InfeasiblePlanError, MemoryCost, PlannerError, PlanResult,
                                     RankCost, ShardOption, TableConstraints, TimeCost, Topology, Workload)
-from sharding.optim import KINDS
-from sharding.types import Shard, ShardingPlan, TableConfig, TablePlan
 
-# Tables up to this size (fp32 weights) may be replicated when the config does not say otherwise:
-# a replica costs memory on every rank and an all-reduce of the whole table per step.
-DEFAULT_DP_MAX_BYTES = 64e6
-MAX_SUGGESTION_TRIES = 12  # plans tried while looking for the smallest topology that fits
-
-__all__ = ["plan_tables", "estimate_plan", "format_result", "make_topology", "PRESETS", "Topology", "Workload",
-           "DenseCost", "TableConstraints", "PlanResult", "RankCost", "MemoryCost", "TimeCost", "ShardOption",
-           "PlannerError", "InfeasiblePlanError", "GB", "DEFAULT_DP_MAX_BYTES"]
-
-
-def plan_tables(tables: list[TableConfig], topology: Topology, workload: Workload,
-                constraints: dict[str, TableConstraints] | None = None,
-                dp_max_bytes: float = DEFAULT_DP_MAX_BYTES, suggest: bool = True) -> PlanResult:
-    """Plan ``tables`` on ``topology``; InfeasiblePlanError (tables, missing GB per rank, the smallest
-    topology change that fits, unless ``suggest`` is False) when no plan fits."""
-    start = time.perf_counter()
-    constraints = constraints or {}
-    _check_inputs(tables, workload, constraints)
-    options = [enumerate_options(t, topology, constraints.get(t.name, TableConstraints()), dp_max_bytes)
-               for t in tables]
-    search = Search(tables, options, topology, workload)
-    search.run()
-    if search.too_big or search.unplaced or search.overfull():
-        raise _infeasible(search, constraints, dp_max_bytes, suggest)
-    plan = _to_plan(search)
-    validate_plan(plan, tables, topology.world_size)
-    ranks = estimate_plan(plan, tables, topology, workload)  # the same model, from the plan itself
-    decisions = explain(search, constraints)
-    return PlanResult(plan, topology, workload, ranks, decisions, time.perf_counter() - start)
-
-
-def _check_inputs(tables: list[TableConfig], work: Workload, constraints: dict[str, TableConstraints]) -> None:
-    _check_tables(tables)
-    if work.optimizer not in KINDS:
-        raise PlannerError(f"unknown sparse optimizer {work.optimizer!r}; expected one of {', '.join(KINDS)}")
-    if work.batch_per_rank < 1:
-        raise PlannerError(f"batch size per rank must be >= 1, got {work.batch_per_rank}")
-    names = {t.name for t in tables}
-    unknown = sorted((set(constraints) | set(work.pooling)) - names)
-    if unknown:
-        raise PlannerError(f"planner settings name table(s) {', '.join(unknown)}, which are not configured")
-    bad = sorted(name for name, pf in work.pooling.items() if not pf > 0)
-    if bad:
-        raise PlannerError(f"pooling factor of table(s) {', '.join(bad)} must be > 0")
-
-
-def _to_plan(search: Search) -> ShardingPlan:
-    plans = {}
-    for ti, t in enumerate(search.tables):
-        option = search.options[ti][search.choice[ti]]
-        shards = [Shard(r, p.row_start, p.row_end, p.col_start, p.col_end)
-                  for p, r in zip(option.pieces, search.ranks[ti])]
-        plans[t.name] = TablePlan(t.name, option.kind, sorted(shards, key=lambda s: (s.col_start, s.row_start)))
-    return ShardingPlan(search.topo.world_size, plans)
-
-
-# ---- when nothing fits ---------------------------------------------------------------------------
-
-def _table_bytes(t: TableConfig, work: Workload) -> float:
-    return t.num_rows * t.dim * FP32_BYTES + optimizer_bytes(work.optimizer, t.num_rows, t.dim)
-
-
-def _infeasible(search: Search, constraints, dp_max_bytes: float, suggest: bool) -> InfeasiblePlanError:
-    topo, work, tables = search.topo, search.work, search.tables
-    need = _need_per_rank(search)
-    missing = max(need - topo.hbm_bytes, 0.0)
-    failed = sorted(search.too_big | set(search.unplaced))
-    if missing > 0:
-        failed = _largest_until(search, missing * topo.world_size) or failed
-    elif not failed:
-        failed = _tables_on(search, search.overfull())
-    worst_rank = None
-    if missing <= 0:  # fragmentation or pinning: what the failed tables lack where they may go
-        worst_rank, missing = _shortfall(search, failed)
-    suggestion = _suggest(tables, topo, work, constraints, dp_max_bytes, need) if suggest else ""
-    message = infeasible_message(search, [tables[ti] for ti in failed], need, missing, suggestion, worst_rank)
-    return InfeasiblePlanError(message, [tables[ti].name for ti in failed], missing, suggestion)
-
-
-def _need_per_rank(search: Search) -> float:
-    """Memory per rank if every table took its least-memory option spread perfectly over the ranks."""
-    total = sum(min(sum(h[MEM] for h in costs) for costs in per) for per in search.costs)
-    return total / search.topo.world_size + search.topo.hbm_bytes - search.model.free_bytes()
-
-
-def _largest_until(search: Search, deficit: float) -> list[int]:
-    """The largest tables whose memory together covers ``deficit``: without them the rest would fit."""
-    order = sorted(range(len(search.tables)), key=lambda ti: -_table_bytes(search.tables[ti], search.work))
-    out, freed = [], 0.0
-    for ti in order:
-        if freed >= deficit:
-            break
-        out.append(ti)
-        freed += _table_bytes(search.tables[ti], search.work)
-    return sorted(out)
-
-
-def _tables_on(search: Search, ranks: list[int]) -> list[int]:
-    return sorted({ti for ti, held in enumerate(search.ranks) if held and set(held) & set(ranks)})
-
-
-def _shortfall(search: Search, failed: list[int]) -> tuple[int, float]:
-    """(rank, bytes it lacks) if the failed tables took their smallest-shard options on the least
-    loaded of the ranks they may use, every other table staying where it is."""
-    extra = [0.0] * search.topo.world_size
-    for ti in failed:
-        oi = min(range(len(search.options[ti])), key=lambda oi: search.max_piece_mem(ti, oi))
-        option, used = search.options[ti][oi], []
-        for h in search.costs[ti][oi]:
-            free = [r for r in option.ranks if r not in used] or list(option.ranks)
-            r = min(free, key=lambda r: extra[r] - search.free_bytes(r))
-            used.append(r)
-            extra[r] += h[MEM]
-    rank = max(range(len(extra)), key=lambda r: extra[r] - search.free_bytes(r))
-    return rank, max(extra[rank] - search.free_bytes(rank), 0.0)
-
-
-def _suggest(tables, topo: Topology, work: Workload, constraints, dp_max_bytes: float, need: float) -> str:
-    ranks = _smallest_world(tables, topo, work, constraints, dp_max_bytes)
-    gb = _smallest_memory(tables, topo, work, constraints, dp_max_bytes, need)
-    parts = []
-    if ranks:
-        parts.append(f"{ranks} ranks" + (f" ({ranks // topo.ranks_per_node} nodes)" if topo.nodes > 1 else "")
-                     + f" (--gpus {ranks})")
-    if gb:
-        parts.append(f"{gb} GB per rank (--hbm-gb {gb})")
-    if not parts:
-        return "none found within 64x the ranks or memory"
-    return " or ".join(parts) + ("" if ranks else " (more ranks do not help)")
-
-
-def _fits(tables, topo: Topology, work: Workload, constraints, dp_max_bytes: float) -> bool:
-    try:
-        plan_tables(tables, topo, work, constraints, dp_max_bytes, suggest=False)
-        return True
-    except PlannerError:
-        return False
-
-
-def _smallest_world(tables, topo: Topology, work: Workload, constraints, dp_max_bytes: float) -> int | None:
-    """The fewest ranks (whole nodes when there are several) that fit, per-rank batch unchanged."""
-    step = topo.ranks_per_node if topo.nodes > 1 else 1
-    total = sum(_table_bytes(t, work) for t in tables)
-    lower = math.ceil(total / max(topo.hbm_bytes - work.reserve_bytes, 1.0) / step) * step
-    world = max(topo.world_size + step, lower)
-    for _ in range(MAX_SUGGESTION_TRIES):
-        if world > 64 * topo.world_size:
-            break
-        if _fits(tables, topo.with_(world_size=world, nodes=world // topo.ranks_per_node if topo.nodes > 1 else 1),
-                 work, constraints, dp_max_bytes):
-            return world
-        world += max(step, world // 8 // step * step)
-    return None
-
-
-def _smallest_memory(tables, topo: Topology, work: Workload, constraints, dp_max_bytes: float,
-                     need: float) -> int | None:
-    """The least whole GB per rank that fits on these ranks."""
-    gb = max(math.ceil(need / GB), math.floor(topo.hbm_bytes / GB) + 1)
-    for _ in range(MAX_SUGGESTION_TRIES):
-        if gb * GB > 64 * topo.hbm_bytes:
-            break
-        if _fits(tables, topo.with_(hbm_bytes=gb * GB), work, constraints, dp_max_bytes):
-            return gb
-        gb = max(gb + 1, math.ceil(gb * 1.1))
-    return None
+__all__ = ["plan_tables", "simple_plan", "estimate_plan", "format_result", "make_topology", "PRESETS", "Topology",
+           "Workload", "DenseCost", "TableConstraints", "PlanResult", "RankCost", "MemoryCost", "TimeCost",
+           "ShardOption", "PlannerError", "InfeasiblePlanError", "GB", "DEFAULT_DP_MAX_BYTES"]

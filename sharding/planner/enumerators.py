@@ -3,19 +3,23 @@
     options = enumerate_options(TableConfig("C1", 10**7, 128), topo, TableConstraints(), dp_max_bytes=64e6)
     [o.label for o in options]     # ['table_wise', 'row_wise x8', 'column_wise x2', ..., 'column_wise x8']
 
-Data-parallel only for small tables (replicas cost memory on every rank and an all-reduce of the
-whole table per step), column-wise only with column counts that divide the dim, table-row-wise only
-when there is more than one node. Per-table constraints narrow the types and the ranks.
+Each type cuts the table as ``sharding.sharding_types`` says; which cuts are worth pricing is this
+stage's choice: data-parallel only for small tables (replicas cost memory on every rank and an
+all-reduce of the whole table per step), column-wise only in even cuts at least MIN_COLUMN_WIDTH wide,
+table-row-wise only when there is more than one node. Per-table constraints narrow the types and ranks.
 """
 from __future__ import annotations
 
 from sharding.planner.estimate import FP32_BYTES
-from sharding.planner.types import Piece, PlannerError, ShardOption, TableConstraints, Topology
+from sharding.planner.types import PlannerError, ShardOption, TableConstraints, Topology
+from sharding.sharding_types import RULES
 from sharding.types import ShardingType, TableConfig
 
 # Narrowest column shard: 8 fp32 = 32 bytes, one memory transaction sector on NVIDIA GPUs (CUDA C++
 # Programming Guide, "Device Memory Accesses"); narrower shards only multiply the ids sent around.
 # TorchRec's planner uses 128 (MIN_CW_DIM, torchrec/distributed/planner/constants.py) for its kernels.
+# Only even cuts: every shard of an option then has one cost, and dims are mostly powers of two, whose
+# even cuts already come in steps of 2x (``simple_plan`` may cut unevenly; the cut rule is the same).
 MIN_COLUMN_WIDTH = 8
 
 TW, RW, CW, DP, TWRW = (ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.COLUMN_WISE,
@@ -35,7 +39,7 @@ def enumerate_options(t: TableConfig, topo: Topology, constraints: TableConstrai
 
     options: list[ShardOption] = []
     if ok(TW):
-        options.append(ShardOption(t.name, TW, (Piece(0, t.num_rows, 0, t.dim),), ranks))
+        options.append(ShardOption(t.name, TW, RULES[TW].cut(t), ranks))
     if ok(RW) and len(ranks) > 1 and t.num_rows > 1:
         options.append(_row_option(t, RW, ranks))
     if ok(CW):
@@ -43,8 +47,7 @@ def enumerate_options(t: TableConfig, topo: Topology, constraints: TableConstrai
     if ok(TWRW) and topo.nodes > 1 and topo.ranks_per_node > 1 and constraints.ranks is None:
         options.append(_row_option(t, TWRW, tuple(topo.node_ranks(0))))
     if ok(DP) and constraints.ranks is None:
-        options.append(ShardOption(t.name, DP, (Piece(0, t.num_rows, 0, t.dim),) * topo.world_size,
-                                   tuple(range(topo.world_size))))
+        options.append(ShardOption(t.name, DP, RULES[DP].cut(t, topo.world_size), tuple(range(topo.world_size))))
     if not options:
         raise PlannerError(_nothing_allowed(t, topo, constraints))
     return options
@@ -66,16 +69,12 @@ def _candidate_ranks(t: TableConfig, topo: Topology, constraints: TableConstrain
 
 
 def _row_option(t: TableConfig, kind: ShardingType, ranks: tuple[int, ...]) -> ShardOption:
-    """Row blocks as ``sharding.plan.row_wise_shards`` cuts them (ceil(rows / ranks), none empty)."""
-    block = -(-t.num_rows // len(ranks))
-    n = -(-t.num_rows // block)
-    pieces = tuple(Piece(i * block, min((i + 1) * block, t.num_rows), 0, t.dim) for i in range(n))
-    return ShardOption(t.name, kind, pieces, ranks[:n])
+    shards = RULES[kind].cut(t, len(ranks))
+    return ShardOption(t.name, kind, shards, ranks[:len(shards)])
 
 
 def _column_option(t: TableConfig, n: int, ranks: tuple[int, ...]) -> ShardOption:
-    width = t.dim // n
-    return ShardOption(t.name, CW, tuple(Piece(0, t.num_rows, i * width, (i + 1) * width) for i in range(n)), ranks)
+    return ShardOption(t.name, CW, RULES[CW].cut(t, n), ranks)
 
 
 def _nothing_allowed(t: TableConfig, topo: Topology, c: TableConstraints) -> str:

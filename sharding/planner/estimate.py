@@ -1,7 +1,7 @@
 """The cost model: bytes and seconds of one shard on its rank, summed per rank.
 
-    cost = piece_cost(TableConfig("C1", 1000, 16), Piece(0, 500, 0, 16), ShardingType.ROW_WISE, work, topo)
-    cost[MEM_WEIGHTS]        # 500 rows x 16 columns x 4 bytes = 32000.0
+    cost = piece_cost(TableConfig("C1", 1000, 16), Shard(None, 0, 500, 0, 16), ShardingType.ROW_WISE, work, topo)
+    cost.weights             # 500 rows x 16 columns x 4 bytes = 32000.0
     ranks = estimate_plan(plan, tables, topo, work)      # [RankCost] for any ShardingPlan
 
 What is counted is what ``sharding.runtime`` and ``sharding.optim`` do on a rank, per step:
@@ -19,15 +19,16 @@ What is counted is what ``sharding.runtime`` and ``sharding.optim`` do on a rank
 
 Ids are assumed spread evenly over a table's rows (``distrec data synth`` scatters popular ids over
 the id space, and hashed ids are), so a row-wise shard of r rows out of R serves r/R of the ids.
-A piece's cost is a tuple indexed by the ``MEM_*``, ``T_*`` and ``X_*`` constants below: the
-partitioner adds and subtracts thousands of them.
+Which ids a shard serves and what it exchanges is its type's (``sharding.sharding_types``).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from sharding.optim import state_names
-from sharding.planner.types import (DenseCost, MemoryCost, Piece, RankCost, ShardOption, TimeCost, Topology,
-                                    Workload)
-from sharding.types import ShardingPlan, ShardingType, TableConfig
+from sharding.planner.types import DenseCost, MemoryCost, RankCost, ShardOption, TimeCost, Topology, Workload
+from sharding.sharding_types import RULES
+from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig
 
 FP32_BYTES = 4  # weights, optimizer state, pooled rows and their gradients are fp32 in the runtime
 ID_BYTES = 8  # ids and bag lengths travel as int64 (sharding/runtime.py, start_input_dist)
@@ -50,12 +51,26 @@ FWD_COLLECTIVES, BWD_COLLECTIVES = 3, 1
 # fp32 tensors the dense optimizer reads and writes per parameter and step: weight, gradient, state.
 DENSE_UPDATE_TENSORS = 2
 
-# Indices into a piece's cost tuple: memory bytes, lookup seconds, all-to-all bytes at the owner
-# (ids in, pooled rows out, pooled gradients in), all-reduce seconds.
-MEM_WEIGHTS, MEM_OPTIMIZER, MEM_WORKSPACE, MEM_BUFFERS, T_FWD, T_BWD, X_IDS, X_OUT, X_GRAD, T_ALLREDUCE = range(10)
-COST_FIELDS = 10
 
-ROW_SPLIT = (ShardingType.ROW_WISE, ShardingType.TABLE_ROW_WISE)
+
+class PieceCost(NamedTuple):
+    """One shard on its rank per step, or (summed) a whole rank: bytes held, lookup seconds, the
+    owner's side of the all-to-alls in bytes, all-reduce seconds. A tuple, so sums stay cheap."""
+
+    weights: float = 0.0
+    optimizer: float = 0.0
+    workspace: float = 0.0
+    buffers: float = 0.0
+    lookup_fwd_s: float = 0.0
+    lookup_bwd_s: float = 0.0
+    ids_in: float = 0.0  # ids and lengths it receives
+    pooled_out: float = 0.0  # pooled rows it sends back
+    grads_in: float = 0.0  # pooled gradients it receives
+    allreduce_s: float = 0.0
+
+    @property
+    def memory(self) -> float:
+        return self.weights + self.optimizer + self.workspace + self.buffers
 
 
 def state_bytes_per_row(optimizer: str, width: int) -> int:
@@ -69,24 +84,22 @@ def optimizer_bytes(optimizer: str, rows: int, width: int) -> int:
     return rows * state_bytes_per_row(optimizer, width) + scalars * FP32_BYTES
 
 
-def ids_and_bags(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, world: int) -> tuple[float, float]:
+def ids_and_bags(t: TableConfig, p: Shard, kind: ShardingType, work: Workload, world: int) -> tuple[float, float]:
     """Ids a shard looks up per step and bags it pools: every sample of every rank, except a replica
     (its own rank's samples) and a row shard (its rows' share of the ids)."""
-    batch = work.batch_per_rank if kind is ShardingType.DATA_PARALLEL else work.batch_per_rank * world
-    ids = batch * work.pooling_factor(t.name)
-    if kind in ROW_SPLIT:
-        ids *= p.num_rows / t.num_rows
-    return ids, float(batch)
+    rule = RULES[kind]
+    batch = rule.samples(work.batch_per_rank, world)
+    return batch * work.pooling_factor(t.name) * rule.id_share(p, t), float(batch)
 
 
-def touched_rows(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, world: int) -> float:
+def touched_rows(t: TableConfig, p: Shard, kind: ShardingType, work: Workload, world: int) -> float:
     """Rows the optimizer updates per step: at most one per id; a replica's all-reduced gradient holds
     the rows every rank touched."""
     ids, _ = ids_and_bags(t, p, kind, work, world)
-    return min(ids * (world if kind is ShardingType.DATA_PARALLEL else 1), p.num_rows)
+    return min(ids * (world if RULES[kind].replicated else 1), p.num_rows)
 
 
-def lookup_bytes(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, world: int) -> tuple[float, float]:
+def lookup_bytes(t: TableConfig, p: Shard, kind: ShardingType, work: Workload, world: int) -> tuple[float, float]:
     """(forward, backward) bytes a shard's lookup and fused update move per step."""
     ids, bags = ids_and_bags(t, p, kind, work, world)
     row = p.width * FP32_BYTES
@@ -97,37 +110,32 @@ def lookup_bytes(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, w
     return forward, backward
 
 
-def replica_sync_bytes(t: TableConfig, p: Piece, work: Workload) -> float:
+def replica_sync_bytes(t: TableConfig, p: Shard, work: Workload) -> float:
     """What a replica's gradient sync moves besides the all-reduce: its ids sorted (coalesce) and its
     [rows, width + 1] buffer passed over (sharding/runtime.py, sync_replica_grads)."""
     return (work.batch_per_rank * work.pooling_factor(t.name) * COALESCE_BYTES_PER_ID
             + p.num_rows * (p.width + 1) * FP32_BYTES * REPLICA_BUFFER_PASSES)
 
 
-def piece_cost(t: TableConfig, p: Piece, kind: ShardingType, work: Workload, topo: Topology) -> tuple:
-    """The cost tuple of one shard on its rank (see the ``MEM_*``, ``T_*``, ``X_*`` indices)."""
+def piece_cost(t: TableConfig, p: Shard, kind: ShardingType, work: Workload, topo: Topology) -> PieceCost:
+    """What one shard costs its rank per step."""
     world = topo.world_size
     ids, bags = ids_and_bags(t, p, kind, work, world)
     row = p.width * FP32_BYTES
     touched = touched_rows(t, p, kind, work, world)
     forward, backward = lookup_bytes(t, p, kind, work, world)
     lookup_rate = topo.hbm_bw_bytes_per_s * topo.lookup_efficiency
-    workspace = ids * (row + SPARSE_GRAD_INDEX_BYTES) + touched * row * TOUCHED_ROW_COPIES
-    cost = [0.0] * COST_FIELDS
-    cost[MEM_WEIGHTS] = float(p.num_rows * row)
-    cost[MEM_OPTIMIZER] = float(optimizer_bytes(work.optimizer, p.num_rows, p.width))
-    cost[MEM_WORKSPACE] = workspace
-    cost[T_FWD], cost[T_BWD] = forward / lookup_rate, backward / lookup_rate
-    if kind is ShardingType.DATA_PARALLEL:
+    held = dict(weights=float(p.num_rows * row), optimizer=float(optimizer_bytes(work.optimizer, p.num_rows, p.width)),
+                workspace=ids * (row + SPARSE_GRAD_INDEX_BYTES) + touched * row * TOUCHED_ROW_COPIES,
+                lookup_fwd_s=forward / lookup_rate)
+    if RULES[kind].replicated:
         reduced = p.num_rows * (p.width + 1) * FP32_BYTES  # sync_replica_grads: rows x (width + touched flag)
-        cost[MEM_BUFFERS] = reduced + 2 * bags * row
-        cost[T_BWD] += replica_sync_bytes(t, p, work) / topo.replica_bytes_per_s
-        cost[T_ALLREDUCE] = allreduce_seconds(reduced, topo, latency=False)  # one per width: RankModel
-    else:
-        cost[X_IDS] = (ids + bags) * ID_BYTES
-        cost[X_OUT] = cost[X_GRAD] = bags * row
-        cost[MEM_BUFFERS] = cost[X_IDS] + cost[X_OUT] + cost[X_GRAD]
-    return tuple(cost)
+        return PieceCost(**held, buffers=reduced + 2 * bags * row,
+                         lookup_bwd_s=backward / lookup_rate + replica_sync_bytes(t, p, work) / topo.replica_bytes_per_s,
+                         allreduce_s=allreduce_seconds(reduced, topo, latency=False))  # one per width: RankModel
+    ids_in, pooled = (ids + bags) * ID_BYTES, bags * row
+    return PieceCost(**held, buffers=ids_in + 2 * pooled, lookup_bwd_s=backward / lookup_rate,
+                     ids_in=ids_in, pooled_out=pooled, grads_in=pooled)
 
 
 def alltoall_seconds_per_byte(topo: Topology) -> float:
@@ -150,13 +158,13 @@ def allreduce_seconds(nbytes: float, topo: Topology, latency: bool = True) -> fl
 
 def requester_bytes(t: TableConfig, option: ShardOption, work: Workload) -> tuple[float, float, float]:
     """What every rank sends and receives for its own samples of a table: (ids and lengths out, pooled
-    rows in, pooled gradients out), the other side of the owners' X_* bytes."""
-    if option.kind is ShardingType.DATA_PARALLEL:
+    rows in, pooled gradients out), the other side of the owners' ``PieceCost`` bytes."""
+    rule = RULES[option.kind]
+    if rule.replicated:
         return 0.0, 0.0, 0.0
-    b, pf, n = work.batch_per_rank, work.pooling_factor(t.name), len(option.pieces)
-    copies = 1 if option.kind in ROW_SPLIT or n == 1 else n  # a column shard gets the whole bag
-    ids = b * (pf * copies + n) * ID_BYTES
-    pooled = b * sum(p.width for p in option.pieces) * FP32_BYTES
+    b, pf, n = work.batch_per_rank, work.pooling_factor(t.name), len(option.shards)
+    ids = b * (pf * rule.id_copies(n) + n) * ID_BYTES  # and one length per shard and sample
+    pooled = b * sum(p.width for p in option.shards) * FP32_BYTES
     return ids, pooled, pooled
 
 
@@ -188,16 +196,12 @@ class RankModel:
         # Own samples' ids and lengths out (twice: routed copy), pooled rows in and their gradients.
         self.uniform_buffers = 2 * requester[0] + requester[1] + requester[2]
 
-    def time(self, v) -> TimeCost:
+    def time(self, v: PieceCost) -> TimeCost:
         s, (ids, out, grad) = self.s_per_byte, self.requester
-        return TimeCost(lookup_fwd=v[T_FWD], lookup_bwd=v[T_BWD],
-                        comm_fwd=(max(v[X_IDS], ids) + max(v[X_OUT], out)) * s + self.fwd_latency,
-                        comm_bwd=max(v[X_GRAD], grad) * s + self.bwd_latency,
-                        allreduce=v[T_ALLREDUCE] + self.replica_latency, dense=self.dense, other=self.other)
-
-    def total_s(self, v) -> float:
-        """``time(v).total`` without building the dataclass."""
-        return self.times([v[T_FWD] + v[T_BWD] + v[T_ALLREDUCE]], [v[X_IDS]], [v[X_OUT]], [v[X_GRAD]])[0]
+        return TimeCost(lookup_fwd=v.lookup_fwd_s, lookup_bwd=v.lookup_bwd_s,
+                        comm_fwd=(max(v.ids_in, ids) + max(v.pooled_out, out)) * s + self.fwd_latency,
+                        comm_bwd=max(v.grads_in, grad) * s + self.bwd_latency,
+                        allreduce=v.allreduce_s + self.replica_latency, dense=self.dense, other=self.other)
 
     def times(self, base: list[float], ids: list[float], out: list[float], grad: list[float]) -> list[float]:
         """Total seconds of every rank from per-rank columns: lookup + all-reduce seconds (``base``) and
@@ -208,9 +212,9 @@ class RankModel:
         return [b + ((i if i > ri else ri) + (o if o > ro else ro) + (g if g > rg else rg)) * s + c
                 for b, i, o, g in zip(base, ids, out, grad)]
 
-    def memory(self, v) -> MemoryCost:
-        return MemoryCost(weights=v[MEM_WEIGHTS], optimizer=v[MEM_OPTIMIZER], workspace=v[MEM_WORKSPACE],
-                          buffers=v[MEM_BUFFERS] + self.uniform_buffers, reserve=self.work.reserve_bytes)
+    def memory(self, v: PieceCost) -> MemoryCost:
+        return MemoryCost(weights=v.weights, optimizer=v.optimizer, workspace=v.workspace,
+                          buffers=v.buffers + self.uniform_buffers, reserve=self.work.reserve_bytes)
 
     def free_bytes(self) -> float:
         """Memory of an empty rank left for shards."""
@@ -224,7 +228,7 @@ def rank_model(chosen: list[tuple[TableConfig, ShardOption]], topo: Topology, wo
     for t, option in chosen:
         for i, x in enumerate(requester_bytes(t, option, work)):
             requester[i] += x
-        if option.kind is ShardingType.DATA_PARALLEL:
+        if RULES[option.kind].replicated:
             widths.add(t.dim)
         else:
             ids += work.batch_per_rank * work.pooling_factor(t.name)
@@ -233,30 +237,23 @@ def rank_model(chosen: list[tuple[TableConfig, ShardOption]], topo: Topology, wo
 
 
 def option_of(t: TableConfig, tp) -> tuple[ShardOption, list[int]]:
-    """A TablePlan as an option and the rank of each of its pieces."""
-    kind = ShardingType(tp.sharding_type)
-    pieces = tuple(Piece(s.row_start, s.row_end, s.col_start, s.col_end) for s in tp.shards)
+    """A TablePlan as an option and the rank of each of its shards."""
     ranks = [s.rank for s in tp.shards]
-    return ShardOption(t.name, kind, pieces, tuple(ranks)), ranks
+    return ShardOption(t.name, ShardingType(tp.sharding_type), tuple(tp.shards), tuple(ranks)), ranks
 
 
 def estimate_plan(plan: ShardingPlan, tables: list[TableConfig], topo: Topology, work: Workload) -> list[RankCost]:
     """Per-rank memory and time of any plan (built by the planner, ``simple_plan`` or by hand)."""
-    sums = [[0.0] * COST_FIELDS for _ in range(topo.world_size)]
+    sums = [[0.0] * len(PieceCost._fields) for _ in range(topo.world_size)]
     chosen = []
     for t in tables:
         option, ranks = option_of(t, plan.tables[t.name])
         chosen.append((t, option))
-        cache: dict[tuple[int, int], tuple] = {}  # row shards and replicas repeat one shape
-        for piece, rank in zip(option.pieces, ranks):
-            key = (piece.num_rows, piece.width)
+        cache: dict[tuple[int, int], PieceCost] = {}  # row shards and replicas repeat one shape
+        for shard, rank in zip(option.shards, ranks):
+            key = (shard.num_rows, shard.width)
             if key not in cache:
-                cache[key] = piece_cost(t, piece, option.kind, work, topo)
-            add_cost(sums[rank], cache[key])
+                cache[key] = piece_cost(t, shard, option.kind, work, topo)
+            sums[rank] = [a + b for a, b in zip(sums[rank], cache[key])]
     model = rank_model(chosen, topo, work)
-    return [RankCost(r, model.memory(v), model.time(v)) for r, v in enumerate(sums)]
-
-
-def add_cost(acc: list[float], cost: tuple, sign: float = 1.0) -> None:
-    for i, x in enumerate(cost):
-        acc[i] += sign * x
+    return [RankCost(r, model.memory(PieceCost(*v)), model.time(PieceCost(*v))) for r, v in enumerate(sums)]

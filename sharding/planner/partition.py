@@ -19,18 +19,18 @@ Greedy, no exhaustive search (thousands of tables, hundreds of ranks):
 5. every table tries every other option in place; those results explain the plan.
 
 If shards do not pack into memory, steps 1-3 run again with smaller shards (a smaller share of a
-rank per shard), down to 1/W. Per rank the search keeps five columns: lookup and all-reduce seconds,
-the three all-to-alls' owner-side bytes, and memory (``estimate.RankModel.times`` turns them into time).
+rank per shard), down to 1/W. Each shard's cost comes down to a ``Hot`` (five numbers); per rank the
+search keeps their sums in ``Columns`` (``estimate.RankModel.times`` turns them into time).
 """
 from __future__ import annotations
 
 import operator
 from collections import Counter
+from typing import NamedTuple
 
-from sharding.planner.estimate import (MEM_BUFFERS, MEM_OPTIMIZER, MEM_WEIGHTS, MEM_WORKSPACE, T_ALLREDUCE,
-                                       T_BWD, T_FWD, X_GRAD, X_IDS, X_OUT, RankModel, alltoall_seconds_per_byte,
-                                       piece_cost, requester_bytes)
+from sharding.planner.estimate import PieceCost, RankModel, alltoall_seconds_per_byte, piece_cost, requester_bytes
 from sharding.planner.types import ShardOption, Topology, Workload, human_bytes
+from sharding.sharding_types import ANY, EVERY, LISTED, NODE, RULES
 from sharding.types import ShardingType, TableConfig
 
 # A shard slower than this fraction of the mean rank's work is split before placement: one piece
@@ -45,8 +45,57 @@ MAX_FINAL_PASSES = 3  # passes over all tables trying every other option (they a
 # are below what the model can tell apart, and each one makes the tables tried before it be tried again.
 FINAL_PASS_MIN_GAIN = 1e-3
 EPS_S = 1e-12
-FREE = (ShardingType.TABLE_WISE, ShardingType.COLUMN_WISE)  # shards the search may put on any rank
-BASE, IDS, OUT, GRAD, MEM = range(5)  # a shard's hot cost and the per-rank columns
+
+
+class Hot(NamedTuple):
+    """What the search adds up per rank of one shard's ``PieceCost``."""
+
+    seconds: float  # lookup forward and backward, all-reduce
+    ids: float  # owner-side all-to-all bytes: ids in
+    out: float  # pooled rows out
+    grad: float  # pooled gradients in
+    mem: float  # bytes held
+
+    @classmethod
+    def of(cls, c: PieceCost) -> "Hot":
+        return cls(c.lookup_fwd_s + c.lookup_bwd_s + c.allreduce_s, c.ids_in, c.pooled_out, c.grads_in, c.memory)
+
+
+class Columns:
+    """Per-rank sums of the shards' ``Hot`` costs, one list per field (rank r: ``cols.mem[r]``)."""
+
+    __slots__ = Hot._fields
+
+    def __init__(self, world_size: int):
+        for name in self.__slots__:
+            setattr(self, name, [0.0] * world_size)
+
+    def copy(self) -> "Columns":
+        other = Columns(0)
+        for name in self.__slots__:
+            setattr(other, name, getattr(self, name)[:])
+        return other
+
+    def add(self, r: int, h: Hot, sign: float = 1) -> None:
+        self.seconds[r] += sign * h.seconds
+        self.ids[r] += sign * h.ids
+        self.out[r] += sign * h.out
+        self.grad[r] += sign * h.grad
+        self.mem[r] += sign * h.mem
+
+    def add_columns(self, delta: "Columns", sign: int) -> None:
+        """Every rank at once (an option with a shard on every rank)."""
+        op = operator.add if sign > 0 else operator.sub
+        for name in self.__slots__:
+            setattr(self, name, list(map(op, getattr(self, name), getattr(delta, name))))
+
+    def times(self, model: RankModel) -> list[float]:
+        return model.times(self.seconds, self.ids, self.out, self.grad)
+
+    def time_with(self, model: RankModel, r: int, h: Hot) -> float:
+        """Rank ``r``'s time if it also held ``h``."""
+        return model.times([self.seconds[r] + h.seconds], [self.ids[r] + h.ids], [self.out[r] + h.out],
+                           [self.grad[r] + h.grad])[0]
 
 
 class Aggregate:
@@ -65,7 +114,7 @@ class Aggregate:
             self._bytes[key] = requester_bytes(t, option, self.work)
         for i, x in enumerate(self._bytes[key]):
             self.requester[i] += sign * x
-        if option.kind is ShardingType.DATA_PARALLEL:
+        if RULES[option.kind].replicated:
             self.widths[t.dim] += sign
         else:
             self.ids += sign * self.work.batch_per_rank * self.work.pooling_factor(t.name)
@@ -76,12 +125,6 @@ class Aggregate:
         return RankModel(self.topo, self.work, tuple(self.requester), self.ids, widths, self.sharded > 0)
 
 
-def hot(c: tuple) -> tuple[float, float, float, float, float]:
-    """The five numbers of a piece cost the search needs (see BASE..MEM)."""
-    return (c[T_FWD] + c[T_BWD] + c[T_ALLREDUCE], c[X_IDS], c[X_OUT], c[X_GRAD],
-            c[MEM_WEIGHTS] + c[MEM_OPTIMIZER] + c[MEM_WORKSPACE] + c[MEM_BUFFERS])
-
-
 class Search:
     def __init__(self, tables: list[TableConfig], options: list[list[ShardOption]], topo: Topology,
                  work: Workload):
@@ -89,7 +132,7 @@ class Search:
         self.s_per_byte = alltoall_seconds_per_byte(topo)
         self.costs = [[self._option_costs(t, o) for o in opts] for t, opts in zip(tables, options)]
         self.work_s = [[sum(self.piece_s(c) for c in cs) for cs in per] for per in self.costs]
-        self._deltas: dict[tuple[int, int], list[list[float]]] = {}  # see _everywhere
+        self._deltas: dict[tuple[int, int], Columns] = {}  # see _everywhere
         self.reset()
 
     def reset(self) -> None:
@@ -99,7 +142,7 @@ class Search:
         self.reason = [""] * n
         self.too_big: set[int] = set()  # tables no option of which fits an empty rank
         self.unplaced: list[int] = []
-        self.cols = [[0.0] * w for _ in range(5)]
+        self.cols = Columns(w)
         self.on_rank: list[set[tuple[int, int]]] = [set() for _ in range(w)]
         self.agg = Aggregate(self.topo, self.work)
         for t, opts, oi in zip(self.tables, self.options, self.choice):
@@ -108,30 +151,30 @@ class Search:
         self.alternatives: list[list[tuple[int, float | None]]] = []
 
     # ---- costs ------------------------------------------------------------------------------------
-    def _option_costs(self, t: TableConfig, option: ShardOption) -> list[tuple]:
-        cache: dict[tuple[int, int], tuple] = {}  # row shards and replicas repeat one shape
+    def _option_costs(self, t: TableConfig, option: ShardOption) -> list[Hot]:
+        cache: dict[tuple[int, int], Hot] = {}  # row shards and replicas repeat one shape
         out = []
-        for p in option.pieces:
+        for p in option.shards:
             key = (p.num_rows, p.width)
             if key not in cache:
-                cache[key] = hot(piece_cost(t, p, option.kind, self.work, self.topo))
+                cache[key] = Hot.of(piece_cost(t, p, option.kind, self.work, self.topo))
             out.append(cache[key])
         return out
 
-    def piece_s(self, h: tuple) -> float:
-        return h[BASE] + (h[IDS] + h[OUT] + h[GRAD]) * self.s_per_byte
+    def piece_s(self, h: Hot) -> float:
+        return h.seconds + (h.ids + h.out + h.grad) * self.s_per_byte
 
     def max_piece_mem(self, ti: int, oi: int) -> float:
-        return max(h[MEM] for h in self.costs[ti][oi])
+        return max(h.mem for h in self.costs[ti][oi])
 
     def max_piece_s(self, ti: int, oi: int) -> float:
         return max(self.piece_s(h) for h in self.costs[ti][oi])
 
     def free_bytes(self, rank: int) -> float:
-        return self.model.free_bytes() - self.cols[MEM][rank]
+        return self.model.free_bytes() - self.cols.mem[rank]
 
     def times(self) -> list[float]:
-        return self.model.times(self.cols[BASE], self.cols[IDS], self.cols[OUT], self.cols[GRAD])
+        return self.cols.times(self.model)
 
     def overfull(self) -> list[int]:
         return [r for r in range(self.topo.world_size) if self.free_bytes(r) < 0]
@@ -157,9 +200,9 @@ class Search:
         """Move shards off the rank with the most memory onto ranks with less, where that keeps every
         rank below the slowest rank's time: the step time stays, memory headroom grows."""
         for _ in range(MAX_LOCAL_STEPS_PER_TABLE * len(self.tables)):
-            mem, worst = self.cols[MEM], max(self.times())
+            mem, worst = self.cols.mem, max(self.times())
             m = max(range(len(mem)), key=mem.__getitem__)
-            pieces = sorted(self.on_rank[m], key=lambda x: -self.costs[x[0]][self.choice[x[0]]][x[1]][MEM])
+            pieces = sorted(self.on_rank[m], key=lambda x: -self.costs[x[0]][self.choice[x[0]]][x[1]].mem)
             if not any(self._move_for_memory(ti, pi, m, worst) for ti, pi in pieces[:LOCAL_SEARCH_CANDIDATES]):
                 break
 
@@ -253,11 +296,16 @@ class Search:
         return True
 
     # ---- placement --------------------------------------------------------------------------------
+    def _placement(self, ti: int, oi: int | None = None) -> str:
+        return RULES[self.options[ti][self.choice[ti] if oi is None else oi].kind].placement
+
     def _movable(self, ti: int) -> bool:
-        return self.options[ti][self.choice[ti]].kind in FREE
+        """Its shards may go to any rank: the local search moves them one at a time."""
+        return self._placement(ti) == ANY
 
     def _fixed(self, ti: int) -> bool:
-        return self.options[ti][self.choice[ti]].kind in (ShardingType.ROW_WISE, ShardingType.DATA_PARALLEL)
+        """Its shards' ranks are given by the option: placed before the others, never moved."""
+        return self._placement(ti) in (LISTED, EVERY)
 
     def _place_all(self) -> None:
         order = [ti for ti in range(len(self.tables)) if ti not in self.too_big]
@@ -276,26 +324,27 @@ class Search:
             else:
                 self._add(ti, ranks)
 
-    def _fit(self, ti: int, oi: int | None = None, cols: list[list[float]] | None = None,
+    def _fit(self, ti: int, oi: int | None = None, cols: Columns | None = None,
              model: RankModel | None = None) -> list[int] | None:
         """Ranks for option ``oi``'s shards (default: the chosen one) given per-rank ``cols`` and
         ``model`` (default: the current ones), or None when they do not fit."""
         oi = self.choice[ti] if oi is None else oi
         cols, model = cols or self.cols, model or self.model
-        option, costs, free, mem = self.options[ti][oi], self.costs[ti][oi], model.free_bytes(), cols[MEM]
-        if option.kind in (ShardingType.ROW_WISE, ShardingType.DATA_PARALLEL):
-            return list(option.ranks) if all(free - mem[r] >= h[MEM] for r, h in zip(option.ranks, costs)) else None
-        times = model.times(cols[BASE], cols[IDS], cols[OUT], cols[GRAD])
-        if option.kind is ShardingType.TABLE_ROW_WISE:
+        option, costs, free, mem = self.options[ti][oi], self.costs[ti][oi], model.free_bytes(), cols.mem
+        placement = self._placement(ti, oi)
+        if placement in (LISTED, EVERY):
+            return list(option.ranks) if all(free - mem[r] >= h.mem for r, h in zip(option.ranks, costs)) else None
+        times = cols.times(model)
+        if placement == NODE:
             return self._fit_node(option, costs, times, free, mem)
         if len(costs) == 1:  # most tables: the least loaded rank, if it has room
             r = min(option.ranks, key=times.__getitem__)
-            if free - mem[r] >= costs[0][MEM]:
+            if free - mem[r] >= costs[0].mem:
                 return [r]
         order = sorted(option.ranks, key=times.__getitem__)  # stable: ties go to the lower rank
         ranks: list[int] = []
         for h in costs:
-            r = next((r for r in order if free - mem[r] >= h[MEM] and r not in ranks), None)
+            r = next((r for r in order if free - mem[r] >= h.mem and r not in ranks), None)
             if r is None:
                 return None
             ranks.append(r)
@@ -306,7 +355,7 @@ class Search:
         g, best = self.topo.ranks_per_node, None
         for node in range(self.topo.nodes):
             ranks = [r + node * g for r in option.ranks]
-            if all(free - mem[r] >= h[MEM] for r, h in zip(ranks, costs)):
+            if all(free - mem[r] >= h.mem for r, h in zip(ranks, costs)):
                 load = max(times[r] for r in ranks)
                 if best is None or load < best[0]:
                     best = (load, ranks)
@@ -334,26 +383,21 @@ class Search:
                 (self.on_rank[r].add if sign > 0 else self.on_rank[r].discard)((ti, pi))
         self.ranks[ti] = ranks if sign > 0 else None
 
-    def _apply(self, cols: list[list[float]], ti: int, oi: int, ranks: list[int], sign: int) -> None:
+    def _apply(self, cols: Columns, ti: int, oi: int, ranks: list[int], sign: int) -> None:
         """Add (sign 1) or take away (-1) option ``oi``'s shards on ``ranks`` to the per-rank ``cols``."""
-        if len(ranks) == self.topo.world_size and self.options[ti][oi].kind in (ShardingType.ROW_WISE,
-                                                                                ShardingType.DATA_PARALLEL):
-            op = operator.add if sign > 0 else operator.sub  # a shard on every rank: whole columns at once
-            for k, d in enumerate(self._everywhere(ti, oi)):
-                cols[k] = list(map(op, cols[k], d))
+        if len(ranks) == self.topo.world_size and self._placement(ti, oi) in (LISTED, EVERY):
+            cols.add_columns(self._everywhere(ti, oi), sign)  # a shard on every rank: whole columns at once
             return
         for r, h in zip(ranks, self.costs[ti][oi]):
-            for k in range(5):
-                cols[k][r] += sign * h[k]
+            cols.add(r, h, sign)
 
-    def _everywhere(self, ti: int, oi: int) -> list[list[float]]:
+    def _everywhere(self, ti: int, oi: int) -> Columns:
         """Per-rank columns of an option with a shard on every rank (cached: trials reuse them)."""
         key = (ti, oi)
         if key not in self._deltas:
-            delta = [[0.0] * self.topo.world_size for _ in range(5)]
+            delta = Columns(self.topo.world_size)
             for r, h in zip(self.options[ti][oi].ranks, self.costs[ti][oi]):
-                for k in range(5):
-                    delta[k][r] = h[k]
+                delta.add(r, h)
             self._deltas[key] = delta
         return self._deltas[key]
 
@@ -378,10 +422,9 @@ class Search:
         free, cols = self.model.free_bytes(), self.cols
         best, best_s = None, times[b] - EPS_S
         for r in self.options[ti][self.choice[ti]].ranks:
-            if r in held or free - cols[MEM][r] < h[MEM]:
+            if r in held or free - cols.mem[r] < h.mem:
                 continue
-            s = self.model.times([cols[BASE][r] + h[BASE]], [cols[IDS][r] + h[IDS]], [cols[OUT][r] + h[OUT]],
-                                 [cols[GRAD][r] + h[GRAD]])[0]
+            s = cols.time_with(self.model, r, h)
             if s < best_s:
                 best, best_s = r, s
         if best is None:
@@ -393,11 +436,9 @@ class Search:
         h, held, cols = self.costs[ti][self.choice[ti]][pi], set(self.ranks[ti]), self.cols
         best = None
         for r in self.options[ti][self.choice[ti]].ranks:
-            if r in held or cols[MEM][r] + h[MEM] >= cols[MEM][m] or (best is not None and cols[MEM][r] >= cols[MEM][best]):
+            if r in held or cols.mem[r] + h.mem >= cols.mem[m] or (best is not None and cols.mem[r] >= cols.mem[best]):
                 continue
-            s = self.model.times([cols[BASE][r] + h[BASE]], [cols[IDS][r] + h[IDS]], [cols[OUT][r] + h[OUT]],
-                                 [cols[GRAD][r] + h[GRAD]])[0]
-            if s < worst - EPS_S:
+            if cols.time_with(self.model, r, h) < worst - EPS_S:
                 best = r
         if best is None:
             return False
@@ -405,10 +446,9 @@ class Search:
         return True
 
     def _move(self, ti: int, pi: int, src: int, dst: int) -> None:
-        h, cols = self.costs[ti][self.choice[ti]][pi], self.cols
-        for k in range(5):
-            cols[k][src] -= h[k]
-            cols[k][dst] += h[k]
+        h = self.costs[ti][self.choice[ti]][pi]
+        self.cols.add(src, h, -1)
+        self.cols.add(dst, h)
         self.on_rank[src].discard((ti, pi))
         self.on_rank[dst].add((ti, pi))
         self.ranks[ti][pi] = dst
@@ -434,13 +474,13 @@ class Search:
         model = self.agg.model()
         self.agg.add(t, self.options[ti][oi], -1)
         self.agg.add(t, keep)
-        cols = [c[:] for c in self.cols]
+        cols = self.cols.copy()
         self._apply(cols, ti, self.choice[ti], self.ranks[ti], -1)
         ranks = self._fit(ti, oi, cols, model)
         if ranks is None:
             return None
         self._apply(cols, ti, oi, ranks, 1)
-        return max(model.times(cols[BASE], cols[IDS], cols[OUT], cols[GRAD]))
+        return max(cols.times(model))
 
     def _take(self, ti: int, oi: int, ranks: list[int] | None = None) -> list[int] | None:
         """Replace table ``ti``'s shards by option ``oi``'s on ``ranks`` (default: placed greedily)."""

@@ -6,7 +6,7 @@ nothing fits; what-if comparisons side by side.
 """
 from __future__ import annotations
 
-from sharding.plan import _rank_list
+from sharding.types import rank_list
 from sharding.planner.estimate import FP32_BYTES, optimizer_bytes
 from sharding.planner.types import GB, PlannerError, PlanResult, TableDecision, human_bytes
 from sharding.types import ShardingType, TableConfig
@@ -44,7 +44,7 @@ def _constraint_text(c) -> str:
     if c.allowed is not None:
         parts.append("only " + "/".join(k.value for k in c.allowed))
     if c.ranks is not None:
-        parts.append("ranks " + _rank_list(sorted(set(c.ranks))))
+        parts.append("ranks " + rank_list(sorted(set(c.ranks))))
     return "config: " + ", ".join(parts)
 
 
@@ -78,7 +78,7 @@ def format_tables(result: PlanResult, tables: list[TableConfig]) -> str:
         ranks = sorted({s.rank for s in result.plan.tables[t.name].shards})
         alt = f"{d.alternative}: {d.alternative_cost}" if d.alternative else d.alternative_cost
         rows.append((t.name, f"{t.num_rows:,}", str(t.dim), f"{result.workload.pooling_factor(t.name):g}",
-                     size(table_bytes(t, result.workload.optimizer)), d.option.label, _rank_list(ranks), d.reason, alt))
+                     size(table_bytes(t, result.workload.optimizer)), d.option.label, rank_list(ranks), d.reason, alt))
     return _columns(rows, right={1, 2, 3, 4})
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from sharding.types import PlanError, ShardingPlan, ShardingType
+from sharding.types import PlanError, Shard, ShardingPlan, ShardingType
 
 GB = 1e9  # bytes; GPU memory is quoted in these units by the vendors' datasheets
 
@@ -169,37 +169,18 @@ class TimeCost:
 
 
 @dataclass(frozen=True)
-class Piece:
-    """One shard of an option before it has a rank: rows [row_start, row_end), columns [col_start, col_end)."""
-
-    row_start: int
-    row_end: int
-    col_start: int
-    col_end: int
-
-    @property
-    def num_rows(self) -> int:
-        return self.row_end - self.row_start
-
-    @property
-    def width(self) -> int:
-        return self.col_end - self.col_start
-
-
-@dataclass(frozen=True)
 class ShardOption:
-    """A candidate sharding of one table. ``ranks``: the ranks it may use, in order. Row-wise pieces go
-    to ``ranks[i]``; data-parallel puts one piece on every rank; table- and column-wise pieces are
-    placed by the partitioner on distinct ranks of ``ranks``; table-row-wise takes one node's ranks."""
+    """A candidate sharding of one table: its cut (shards without ranks yet) and ``ranks``, the ranks it
+    may use, in order; where on them its shards may go is its type's placement (``sharding_types``)."""
 
     table: str
     kind: ShardingType
-    pieces: tuple[Piece, ...]
+    shards: tuple[Shard, ...]
     ranks: tuple[int, ...]
 
     @property
     def label(self) -> str:
-        n = len(self.pieces)
+        n = len(self.shards)
         return self.kind.value if n == 1 or self.kind is ShardingType.DATA_PARALLEL else f"{self.kind.value} x{n}"
 
 

@@ -56,10 +56,14 @@ def throughput(groups: dict[str, Group], out: Path) -> str:
         row[1].set_title(f"{model}: weak scaling, {batch // 2} rows per rank")
         for ax in row:
             ax.set_xticks(sorted({g.spec["ranks"] for g in groups.values() if g.spec["model"] == model}))
-            ax.set_xlabel("ranks")
-            ax.set_ylabel("samples/s (median)")
-            ax.legend(fontsize=7)
+            label(ax, "ranks", "samples/s (median)")
     return save(fig, out, "throughput_vs_ranks.png")
+
+
+def label(ax, x: str, y: str, legend_size: int = 7) -> None:
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.legend(fontsize=legend_size)
 
 
 def breakdown(groups: dict[str, Group], out: Path) -> str:
@@ -100,9 +104,7 @@ def auc_curves(groups: dict[str, Group], out: Path) -> str:
                     ax.plot(*zip(*curve), marker="o", label=f"{ENGINE_LABEL[s['engine']]}, {s['ranks']} ranks "
                                                            f"({g.ok[0]['run_id']})")
         ax.set_title(f"{model}: AUC vs samples trained")
-        ax.set_xlabel("samples")
-        ax.set_ylabel("AUC (eval split)")
-        ax.legend(fontsize=6)
+        label(ax, "samples", "AUC (eval split)", legend_size=6)
     return save(fig, out, "auc_vs_samples.png")
 
 

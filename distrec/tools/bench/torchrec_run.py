@@ -147,7 +147,8 @@ def run(cfg, strategy: str, result_path: str) -> None:
     from distrec.trainer.dist import DistContext, all_gather_object
     from distrec.data.loader import make_loader
     from sharding.files import atomic_write
-    from sharding.plan import load_plan, simple_plan
+    from sharding.plan import load_plan
+    from sharding.planner import simple_plan
     from sharding.types import TableConfig
 
     rank, world = dist.get_rank(), dist.get_world_size()

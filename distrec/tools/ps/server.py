@@ -20,7 +20,7 @@ from distrec.config import Config, TableSpec
 from distrec.model.dlrm import DLRM
 from distrec.tools.ps.rows import Partition, PulledEmbeddings
 from distrec.trainer.checkpoint import load_tensors
-from distrec.trainer.optim import _dense
+from distrec.trainer.optim import dense_optimizer
 from sharding.files import atomic_write
 from sharding.optim import SparseOptimizer
 
@@ -41,7 +41,7 @@ class ParamServer:
         self.sparse_opt = SparseOptimizer(self.weights, kind=o.sparse, lr=o.sparse_lr, eps=o.eps)
         self.sparse_opt.init_state()
         self.model = dense_model(cfg, specs) if index == 0 else None
-        self.dense_opt = _dense(o.dense, list(self.model.parameters()), o.dense_lr, o.eps) if self.model else None
+        self.dense_opt = dense_optimizer(o.dense, list(self.model.parameters()), o.dense_lr, o.eps) if self.model else None
 
     def _init_rows(self, spec: TableSpec, gen: torch.Generator) -> torch.Tensor:
         weight = torch.empty(self.partition.local_rows(spec.num_rows, self.index), spec.dim)

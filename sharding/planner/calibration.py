@@ -1,63 +1,37 @@
-"""Measure this machine's rates on real ranks, and keep them for later estimates (``distrec plan
---calibrate``).
+"""Calibration without running anything: what to measure (the spec), measured seconds -> this machine's
+rates (two sizes each: the slope is the rate, the intercept the fixed cost), and the rates kept in a
+file and applied to a topology. ``sharding.calibrate`` runs the ranks that measure.
 
-    spec = CalibrationSpec(world_size=2, tables=[(1000, 16), (500, 16)], batch_per_rank=4096)
-    rates = calibrate(spec)
+    rates = rates_from_seconds(spec, slowest)       # slowest: the slowest rank's seconds per measurement
     save_calibration("~/.cache/distrec/calibration.json", "cpu", rates)
     topo = apply_calibration(make_topology("cpu", 2), load_calibration(path, "cpu"), path)
 
-What is measured, on every rank at once (as in training, where ranks share the machine), each at two
-sizes (the slope is the rate, the intercept the fixed cost), the slowest rank counting:
-
-- all-to-all: ``all_to_all_single`` of a small and a large buffer -> bytes/s and latency per collective;
-- lookup: the sharded runtime itself (``ShardedEmbeddingCollection`` forward, backward, replica sync,
-  fused optimizer) on the workload's tables placed table-wise, at the per-rank batch and 1/8 of it;
-  what the cost model counts for that plan, less its all-to-all time, over the measured time is the
-  rate at which the runtime moves lookup bytes (``lookup_efficiency`` = that / memory bandwidth);
-- dense: the model's dense step (a caller-given factory, e.g. distrec's DLRM without its tables, or
-  the Linear layers alone) -> FLOP/s;
-- the whole training step (a caller-given factory: the trainer's step with the tables placed
-  table-wise, on its own input path), once at the per-rank batch: what it takes beyond the runtime and
-  the dense step measured apart (the data-parallel all-reduce of the MLPs, the loss, reading the input,
-  caches the two evict from each other) joins the fixed cost per step, so the calibrated estimate of
-  that step is what was measured;
-- the same runtime with the tables replicated, once at the per-rank batch: what is left after its
-  lookups, all-reduces and the fixed cost is the replicas' gradient sync (coalesce, buffer passes),
-  whose rate becomes ``replica_efficiency``.
-
-Tables keep their shapes up to LOOKUP_ROWS rows each, so a calibration of a huge config stays small.
+How each rate follows from the seconds: the all-to-all's from two buffer sizes; the lookup rate is what
+the cost model counts for the table-wise plan, less its all-to-all time, over the measured runtime;
+the dense rate from the dense step's FLOPs; what the whole training step takes beyond its parts joins
+the fixed cost per step, so the calibrated estimate of that step is what was measured; what is left of
+the replicated runtime's step after its lookups, all-reduces and the fixed cost is the replicas'
+gradient sync, whose rate becomes ``replica_efficiency``.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import statistics
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from sharding.comm import close_process_group, init_process_group
-from sharding.optim import OptimSpec
+from sharding.files import atomic_write
 from sharding.planner.estimate import estimate_plan, replica_sync_bytes
-from sharding.planner.types import DenseCost, Piece, PlannerError, Topology, Workload
+from sharding.planner.simple import simple_plan
+from sharding.planner.types import DenseCost, PlannerError, Topology, Workload
+from sharding.sharding_types import whole
 from sharding.types import TableConfig
 
 CALIBRATION_VERSION = 2
 LOOKUP_ROWS = 1_000_000  # rows per table at most while measuring (a calibration must fit this machine)
 SMALL_FRACTION = 8  # the small size of each two-size measurement is 1/8 of the large one
-# Timed runs per size; their mean counts, as the trainer's step time is a mean, less the fastest and
-# the slowest fifth: on a shared machine other jobs' bursts hit single runs, and a burst must not decide
-# a fit (the whole step's excess over its parts is a difference of two measurements).
-REPEATS = 15
-TRIM = 3  # runs dropped at each end
-WARMUP = 2  # untimed first calls: allocation, optimizer state, DDP's bucket rebuild after its first step
 ALLTOALL_LARGE_BYTES = 8 << 20  # per rank and step, the order of a batch's pooled rows
 REPLICA_CHECK_MAX_BYTES = 256e6  # replicate the tables for the check only if they are this small
 
@@ -65,9 +39,9 @@ REPLICA_CHECK_MAX_BYTES = 256e6  # replicate the tables for the check only if th
 @dataclass(frozen=True)
 class CalibrationSpec:
     """The workload to measure with: its tables (rows, dim), per-rank batch, optimizer, ids per sample,
-    the dense model's cost per sample and a factory for its step ("module:function", called as
-    ``function(batch, *dense_args)`` in each rank, returning a no-argument step), or else its Linear
-    layers (in, out) to time alone."""
+    the dense model's cost per sample and a factory for its step (a module-level function, so that the
+    spawned ranks can import it, called as ``dense_step(batch, *dense_args)`` in each rank and returning a
+    no-argument step), or else its Linear layers (in, out) to time alone."""
 
     world_size: int = 2
     tables: list[tuple[int, int]] = field(default_factory=lambda: [(LOOKUP_ROWS, 16)])
@@ -75,9 +49,9 @@ class CalibrationSpec:
     optimizer: str = "adagrad"
     pooling: float = 1.0
     dense: DenseCost = DenseCost(flops_per_sample=2 * 512 * 512, params=512 * 513)
-    dense_step: str = ""
+    dense_step: Callable | None = None
     dense_args: tuple = ()
-    full_step: str = ""  # "module:function" called as function(batch, *dense_args), like dense_step
+    full_step: Callable | None = None  # called as full_step(batch, *dense_args), like dense_step
     dense_layers: list[tuple[int, int]] = field(default_factory=lambda: [(512, 512)])
 
     def table_configs(self) -> list[TableConfig]:
@@ -91,108 +65,22 @@ class CalibrationSpec:
         return Workload(batch_per_rank=batch, optimizer=self.optimizer, reserve_bytes=0.0,
                         pooling={t.name: per_bag for t in self.table_configs()})
 
-
-def calibrate(spec: CalibrationSpec) -> dict:
-    """Spawn ``spec.world_size`` gloo ranks on this machine, measure, return the rates (module doc)."""
-    with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_rank_main, args=(spec, d), nprocs=spec.world_size, join=True, start_method="spawn")
-        per_rank = [json.loads(Path(d, f"rank{r}.json").read_text()) for r in range(spec.world_size)]
-    slowest = {k: [max(r[k][i] for r in per_rank) for i in range(len(per_rank[0][k]))] for k in per_rank[0]}
-    return _rates(spec, slowest)
-
-
-def _rank_main(rank: int, spec: CalibrationSpec, folder: str) -> None:
-    torch.set_num_threads(1)  # torchrun's default with several ranks per machine (OMP_NUM_THREADS=1)
-    store = dist.FileStore(os.path.join(folder, "store"), spec.world_size)
-    init_process_group("gloo", rank=rank, world_size=spec.world_size, store=store)
-    try:
-        out = {"alltoall": _time_alltoall(spec), "dense": _time_dense(spec),
-               "runtime": [_time_runtime(spec, rank, "table_wise", b) for b in spec.batches()]}
-        if _replicable(spec):
-            out["replicated"] = [_time_runtime(spec, rank, "data_parallel", spec.batch_per_rank)]
-        if spec.full_step:
-            out["full"] = [_timed(_factory(spec.full_step)(spec.batch_per_rank, *spec.dense_args))]
-        Path(folder, f"rank{rank}.json").write_text(json.dumps(out))
-    finally:
-        close_process_group()
+    def record(self) -> dict:
+        """The spec as JSON keeps it beside the rates: the step factories by their import names."""
+        doc = asdict(self)
+        for key in ("dense_step", "full_step"):
+            fn = getattr(self, key)
+            doc[key] = f"{fn.__module__}:{fn.__qualname__}" if fn else ""
+        return doc
 
 
-def _timed(fn, repeats: int = REPEATS) -> float:
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.fmean(sorted(times)[TRIM:-TRIM])
-
-
-def _alltoall_sizes(world: int) -> list[int]:
+def alltoall_sizes(world: int) -> list[int]:
     """Elements per rank: divisible by the world size."""
     return [max(b // 4 // world, 1) * world for b in (ALLTOALL_LARGE_BYTES // SMALL_FRACTION // 64,
                                                        ALLTOALL_LARGE_BYTES)]
 
 
-def _time_alltoall(spec: CalibrationSpec) -> list[float]:
-    out = []
-    for n in _alltoall_sizes(spec.world_size):
-        send, recv = torch.randn(n), torch.empty(n)
-        out.append(_timed(lambda: dist.all_to_all_single(recv, send)))
-    return out
-
-
-def _time_runtime(spec: CalibrationSpec, rank: int, kind: str, batch: int) -> float:
-    """One training step of the sharded runtime over the tables placed by ``simple_plan(kind)``."""
-    from sharding.jagged import JaggedBatch
-    from sharding.plan import simple_plan
-    from sharding.runtime import ShardedEmbeddingCollection
-
-    tables = spec.table_configs()
-    emb = ShardedEmbeddingCollection(tables, simple_plan(tables, spec.world_size, kind), rank=rank,
-                                     optim=OptimSpec(spec.optimizer, lr=0.01))  # the kernel the trainer picks
-    per_bag = max(round(spec.pooling), 1)
-    gen = torch.Generator().manual_seed(rank)
-    values = torch.cat([torch.randint(0, t.num_rows, (batch * per_bag,), generator=gen) for t in tables])
-    jb = JaggedBatch([t.name for t in tables], values, torch.full((batch * len(tables),), per_bag))
-
-    def step():
-        emb(jb).sum().backward()
-        emb.sync_replica_grads()
-        emb.step()
-
-    return _timed(step)
-
-
-def _time_dense(spec: CalibrationSpec) -> list[float]:
-    out = []
-    for b in spec.batches():
-        out.append(_timed(_dense_step(spec, b)))
-    return out
-
-
-def _factory(path: str):
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def _dense_step(spec: CalibrationSpec, batch: int):
-    if spec.dense_step:
-        return _factory(spec.dense_step)(batch, *spec.dense_args)
-    layers = torch.nn.ModuleList(torch.nn.Linear(i, o) for i, o in spec.dense_layers)
-    opt = torch.optim.Adam(layers.parameters(), lr=1e-4)
-    xs = [torch.randn(batch, layer.in_features) for layer in layers]
-
-    def step():
-        sum(torch.relu(layer(x)).sum() for layer, x in zip(layers, xs)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def _replicable(spec: CalibrationSpec) -> bool:
+def replicable(spec: CalibrationSpec) -> bool:
     return sum(t.num_rows * t.dim * 4 for t in spec.table_configs()) <= REPLICA_CHECK_MAX_BYTES
 
 
@@ -217,19 +105,17 @@ def _unit_topology(spec: CalibrationSpec, a2a_bytes_per_s: float, latency_s: flo
 
 def _runtime_points(spec: CalibrationSpec, kind: str, topo: Topology, batch: int) -> tuple[float, float]:
     """(lookup bytes, all-to-all seconds) the model counts on the busiest rank of ``kind``'s plan."""
-    from sharding.plan import simple_plan
-
     tables = spec.table_configs()
     ranks = estimate_plan(simple_plan(tables, spec.world_size, kind), tables, topo, spec.workload(batch))
     busiest = max(ranks, key=lambda r: r.time.lookup + r.time.other)
     return busiest.time.lookup + busiest.time.other, busiest.time.comm
 
 
-def _rates(spec: CalibrationSpec, slowest: dict) -> dict:
+def rates_from_seconds(spec: CalibrationSpec, slowest: dict) -> dict:
     """Rates from the slowest rank's seconds; with one rank nothing leaves it, so no link rate."""
     a2a_s_per_byte, latency = 0.0, 0.0
     if spec.world_size > 1:
-        a2a = [n * 4 * (spec.world_size - 1) / spec.world_size for n in _alltoall_sizes(spec.world_size)]
+        a2a = [n * 4 * (spec.world_size - 1) / spec.world_size for n in alltoall_sizes(spec.world_size)]
         a2a_s_per_byte, latency = _fit(tuple(a2a), tuple(slowest["alltoall"]))
     topo = _unit_topology(spec, 1 / a2a_s_per_byte if a2a_s_per_byte else 1e18, latency)
     points = [_runtime_points(spec, "table_wise", topo, b) for b in spec.batches()]
@@ -241,7 +127,7 @@ def _rates(spec: CalibrationSpec, slowest: dict) -> dict:
     beyond = slowest["full"][0] - slowest["runtime"][1] - slowest["dense"][1] if "full" in slowest else 0.0
     rates = {"lookup_bytes_per_s": 1 / lookup_s_per_byte, "dense_flops_per_s": 1 / dense_s_per_flop,
              "step_overhead_s": max(runtime_fixed + dense_fixed + beyond, 0.0), "beyond_parts_s": beyond,
-             "spec": asdict(spec), "raw_seconds": slowest}
+             "spec": spec.record(), "raw_seconds": slowest}
     if a2a_s_per_byte:
         rates.update(alltoall_bytes_per_s=1 / a2a_s_per_byte, collective_latency_s=latency)
     if "replicated" in slowest:
@@ -254,7 +140,7 @@ def _replica_rate(spec: CalibrationSpec, topo: Topology, measured: float, lookup
     """The rate replicas' gradient sync runs at: the replicated step's time left after the lookups (at
     the lookup rate), the all-reduces and the fixed cost, over the bytes the sync moves."""
     work = spec.workload(spec.batch_per_rank)
-    sync = sum(replica_sync_bytes(t, Piece(0, t.num_rows, 0, t.dim), work) for t in spec.table_configs())
+    sync = sum(replica_sync_bytes(t, whole(t), work) for t in spec.table_configs())
     total, comm = _runtime_points(spec, "data_parallel", topo, spec.batch_per_rank)
     left = measured - fixed - comm - (total - sync) * lookup_s_per_byte
     rate = sync / left if left > 0 else 1 / lookup_s_per_byte
@@ -274,9 +160,7 @@ def save_calibration(path: str | os.PathLike, preset: str, rates: dict) -> None:
     doc["presets"][preset] = {**rates, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               "host": os.uname().nodename}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(doc, indent=2) + "\n")
 
 
 def load_calibration(path: str | os.PathLike, preset: str) -> dict | None:

@@ -86,6 +86,9 @@ def test_id_out_of_range_names_feature_and_table():
     sparse = JaggedBatch.from_dense(["f0", "f1", "f2"], torch.tensor([[-1, 2, 3]]))
     with pytest.raises(IdRangeError, match="feature f0: id -1"):
         model(torch.randn(1, 4), sparse)
+    sparse.origin = "data/part-00003.parquet row group 2"  # as the loader sets it
+    with pytest.raises(IdRangeError, match=r"feature f0: id -1 .* rows in data/part-00003\.parquet row group 2$"):
+        model(torch.randn(1, 4), sparse)
 
 
 def test_empty_local_batch_runs_forward_and_backward():

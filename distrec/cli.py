@@ -12,13 +12,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from distrec import __version__
 from distrec.config import ConfigError
 from distrec.data.manifest import DataError
-from distrec.trainer.checkpoint import CheckpointError
 from sharding.types import PlanError
+
+CPP_LOG_LEVEL = "TORCH_CPP_LOG_LEVEL"
 
 
 def _synth(args: argparse.Namespace, rest: list[str]) -> int:
@@ -115,7 +117,24 @@ def _command(sub, name: str, help: str, add_arguments, func, epilog: str | None 
     parser.set_defaults(func=func)
 
 
+def _quiet_rpc_warnings(argv: list[str]) -> None:
+    """`distrec ps` says a process's death in one line, last; without this the coordinator's torch RPC
+    first logs a C++ warning about the broken connection. c10 reads TORCH_CPP_LOG_LEVEL once, when torch
+    is first imported (so this module imports torch only after it): set it for that import only, so
+    that the children spawned later, whose stderr goes to LOGDIR/<name>.stderr, still log theirs there."""
+    if argv[:1] != ["ps"] or "torch" in sys.modules or CPP_LOG_LEVEL in os.environ:
+        return
+    os.environ[CPP_LOG_LEVEL] = "ERROR"
+    try:
+        import torch  # noqa: F401 - its C++ logging is set up here, at that level
+    finally:
+        del os.environ[CPP_LOG_LEVEL]
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_rpc_warnings(sys.argv[1:] if argv is None else argv)
+    from distrec.trainer.checkpoint import CheckpointError  # imports torch
+
     args, rest = build_parser().parse_known_args(argv)
     try:
         return args.func(args, rest)

@@ -19,6 +19,7 @@ class JaggedBatch:
     values: torch.Tensor  # int64 ids, all keys' bags concatenated, key-major
     lengths: torch.Tensor  # int64 [len(keys) * batch_size]: ids per (key, sample)
     weights: torch.Tensor | None = None  # float per id (per-sample weights), same shape as values
+    origin: str = ""  # where the rows came from (a loader sets e.g. "FILE row group 2"), for error messages
 
     @property
     def batch_size(self) -> int:
@@ -40,7 +41,7 @@ class JaggedBatch:
     def to(self, device: torch.device | str) -> "JaggedBatch":
         w = None if self.weights is None else self.weights.to(device, non_blocking=True)
         return JaggedBatch(self.keys, self.values.to(device, non_blocking=True),
-                           self.lengths.to(device, non_blocking=True), w)
+                           self.lengths.to(device, non_blocking=True), w, self.origin)
 
     @staticmethod
     def from_dense(keys: list[str], ids: torch.Tensor) -> "JaggedBatch":
@@ -49,8 +50,10 @@ class JaggedBatch:
         return JaggedBatch(list(keys), ids.t().reshape(-1).to(torch.int64), lengths)
 
     @staticmethod
-    def from_per_key(keys: list[str], values: list[torch.Tensor], lengths: list[torch.Tensor]) -> "JaggedBatch":
-        return JaggedBatch(list(keys), torch.cat(values).to(torch.int64), torch.cat(lengths).to(torch.int64))
+    def from_per_key(keys: list[str], values: list[torch.Tensor], lengths: list[torch.Tensor],
+                     origin: str = "") -> "JaggedBatch":
+        return JaggedBatch(list(keys), torch.cat(values).to(torch.int64), torch.cat(lengths).to(torch.int64),
+                           origin=origin)
 
     def to_kjt(self):
         from torchrec.sparse.jagged_tensor import KeyedJaggedTensor

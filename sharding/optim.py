@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sharding.types import OPTIMIZERS
+from sharding.types import OPTIMIZERS, check_optimizer, state_names
 
 KINDS = OPTIMIZERS  # the names are the kit's vocabulary (sharding.types)
 
@@ -51,28 +51,7 @@ class OptimSpec:
     betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self):
-        _check_kind(self.kind)
-
-
-def state_names(kind: str) -> dict[str, str]:
-    """Per-param state tensors of ``kind`` and how each one lines up with the weight.
-
-    "row_col": same shape as the weight [rows, width]; "row": [rows]; "scalar": one
-    value for the whole shard (never sliced when resharding by rows).
-    """
-    _check_kind(kind)
-    if kind == "adagrad":
-        return {"sum": "row_col"}
-    if kind == "rowwise_adagrad":
-        return {"row_sum": "row"}
-    if kind == "adam":
-        return {"step": "scalar", "exp_avg": "row_col", "exp_avg_sq": "row_col"}
-    return {}
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown sparse optimizer kind {kind!r}; expected one of {KINDS}")
+        check_optimizer(self.kind)
 
 
 class SparseOptimizer(torch.optim.Optimizer):
@@ -80,7 +59,7 @@ class SparseOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, kind: str, lr: float, eps: float = 1e-8,
                  betas: tuple[float, float] = (0.9, 0.999)):
-        _check_kind(kind)
+        check_optimizer(kind)
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {lr}")
         if eps < 0.0:
@@ -104,7 +83,7 @@ class SparseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            _check_kind(group["kind"])
+            check_optimizer(group["kind"])
             for p in group["params"]:
                 if p.grad is not None:
                     self._step_param(p, group)

@@ -41,6 +41,9 @@ from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig
 
 ERR_NONE, ERR_KEYS, ERR_RANGE = 0, 1, 2
 COUNT_FIELDS = 6  # batch size, ids sent, has weights, error code, feature index, bad id
+# A batch's origin (JaggedBatch.origin) is sent to every rank only when some rank has bad input, so the
+# error names where the bad rows came from on every rank; a longer text keeps its end (file, row group).
+ORIGIN_BYTES = 1024
 
 
 @dataclass
@@ -166,15 +169,27 @@ class ShardedEmbeddingCollection(nn.Module):
         got = exchange(send, [COUNT_FIELDS] * self.world, [COUNT_FIELDS] * self.world, self.group)
         return got.view(self.world, COUNT_FIELDS)
 
-    def _raise_input_errors(self, counts: torch.Tensor) -> None:
+    def _exchange_origins(self, origin: str) -> list[str]:
+        """Every rank's batch origin. A collective: call it on every rank or none (all ranks decide from
+        the same exchanged counts, so none is left waiting)."""
+        raw = origin.encode()[-ORIGIN_BYTES:].ljust(ORIGIN_BYTES, b"\0")
+        send = torch.frombuffer(bytearray(raw * self.world), dtype=torch.uint8)
+        got = exchange(send, [ORIGIN_BYTES] * self.world, [ORIGIN_BYTES] * self.world, self.group)
+        return [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in got.view(self.world, -1)]
+
+    def _raise_input_errors(self, counts: torch.Tensor, origin: str) -> None:
+        if not counts[:, 3].any():
+            return
+        origins = self._exchange_origins(origin)
         for src in range(self.world):
             code, feature, bad = (int(x) for x in counts[src, 3:])
             if code == ERR_KEYS:
                 raise InputError(f"rank {src}: batch feature keys do not match the plan's tables {self.names}")
             if code == ERR_RANGE:
                 t = self.tables[feature]
+                where = f" in {origins[src]}" if origins[src] else ""
                 raise InputError(f"rank {src}: feature {t.name}: id {bad} is out of range for table {t.name} "
-                                 f"with {t.num_rows} rows")
+                                 f"with {t.num_rows} rows{where}")
 
     def start_input_dist(self, sparse) -> InputDist:
         """Send every bag to its shard's owner without waiting for it to arrive: the counts go first
@@ -184,7 +199,7 @@ class ShardedEmbeddingCollection(nn.Module):
             sparse = JaggedBatch.from_kjt(sparse)
         buckets = self._bucketize(sparse) if sparse.keys == self.names else [([], [], [])] * self.world
         counts = self._exchange_counts(sparse, buckets)
-        self._raise_input_errors(counts)
+        self._raise_input_errors(counts, sparse.origin)
         batch_sizes, id_counts = counts[:, 0].tolist(), counts[:, 1].tolist()
         mine = len(self.dst_shards[self.rank])
         payload = [torch.cat([*lens, *ids]) if lens else torch.zeros(0, dtype=torch.int64) for lens, ids, _ in buckets]

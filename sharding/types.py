@@ -89,3 +89,24 @@ def rank_list(ranks: list[int]) -> str:
         parts.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
         i = j + 1
     return ",".join(parts) or "-"
+
+
+def state_names(kind: str) -> dict[str, str]:
+    """Per-param state tensors of ``kind`` and how each one lines up with the weight.
+
+    "row_col": same shape as the weight [rows, width]; "row": [rows]; "scalar": one
+    value for the whole shard (never sliced when resharding by rows).
+    """
+    check_optimizer(kind)
+    if kind == "adagrad":
+        return {"sum": "row_col"}
+    if kind == "rowwise_adagrad":
+        return {"row_sum": "row"}
+    if kind == "adam":
+        return {"step": "scalar", "exp_avg": "row_col", "exp_avg_sq": "row_col"}
+    return {}
+
+
+def check_optimizer(kind: str) -> None:
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown sparse optimizer kind {kind!r}; expected one of {OPTIMIZERS}")

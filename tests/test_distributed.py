@@ -1,6 +1,11 @@
 """Real ranks on gloo: N ranks with the same global batch and seed follow the 1-rank trajectory, with the
 plain-PyTorch lookup kernel as the 1-rank reference and either kernel (torch, fbgemm) on N ranks."""
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +13,7 @@ import torch
 from distrec.trainer.checkpoint import load_latest
 from sharding.checkpoint import whole_tables
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 MIXED = ['--plan.table_wise=["c2"]', '--plan.column_wise=["c1"]', '--plan.data_parallel=["c3"]']
@@ -113,3 +118,32 @@ def test_reshard_2_to_3_offline_then_resume_on_3_continues_the_same_trajectory(s
                                  "--checkpoint.resume=true")
     assert "resumed from" in stdout and "at step 20" in stdout
     assert_same_losses(first + rest, one_rank[0])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_table_row_wise_on_two_nodes_keeps_each_table_on_one_node_and_the_trajectory(small_data, one_rank,
+                                                                                      tmp_path):
+    """Two torchrun agents on this machine as two nodes of 2 ranks (static rendezvous, as two hosts
+    would run it): the trainer takes the node size from the launcher, so every table's row shards sit on
+    one node's ranks (the tables take the nodes in turn), and the 4 ranks follow the 1-rank losses."""
+    cfg_path, data = small_data
+    port, env = free_port(), {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "distrec.train", "--config", str(cfg_path),
+         f"--data.path={data}", f"--logging.dir={tmp_path}", "--train.global_batch_size=252", "--train.max_steps=50",
+         "--train.epochs=3", "--train.log_every_steps=1", "--eval.every_steps=25", "--eval.batch_size=500",
+         "--plan.default=table_row_wise", "--plan.kernel=torch"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env) for node in (0, 1)]
+    outs = [a.communicate(timeout=300) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    plan = {m.group(1): m.group(2) for m in re.finditer(r"^(c\d)\s+\d+\s+\d+\s+table_row_wise\s+(\S+)$",
+                                                        outs[0][0], re.M)}
+    assert plan == {"c1": "0-1", "c2": "2-3", "c3": "0-1", "c4": "2-3"}
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert_same_losses([x["loss"] for x in recs if x["kind"] == "train"], one_rank[0])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import REPO
@@ -104,3 +106,12 @@ def test_sharding_never_imports_distrec():
 
 def test_nothing_imports_the_entry_point():
     assert sorted(m for m, ts in graph().items() if "distrec.train" in ts) == []
+
+
+def test_the_planner_and_the_command_line_import_without_torch():
+    """The cost model is plain Python (testable without running anything), and ``distrec ps`` must reach
+    torch's first import itself to quiet its RPC warnings (distrec/cli.py)."""
+    code = "import sys, sharding.planner, distrec.cli; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

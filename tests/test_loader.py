@@ -98,6 +98,21 @@ def test_max_rows_and_without_prefetch(files):
     assert sum((rowids(x) for x in loader.epoch(0)), []) == list(range(100))
 
 
+def test_each_batch_names_the_row_groups_it_came_from(files):
+    """Row groups of 37 rows: part-0 (400 rows) has groups 0-10, the last of 30 rows."""
+    on = lambda f: str(files[f])
+    one = ParquetLoader(files, COLUMNS, global_batch_size=120, shuffle=False, prefetch_batches=0)
+    origins = [b.sparse.origin for b in one.epoch(0)]
+    assert origins[0] == f"{on(0)} row groups 0-3"  # rows 0-119
+    assert origins[3] == f"{on(0)} row groups 9-10, {on(1)} row groups 0-2"  # rows 360-479 cross a file
+    rank1 = ParquetLoader(files, COLUMNS, global_batch_size=120, rank=1, world_size=2, shuffle=False,
+                          prefetch_batches=0)
+    assert next(rank1.epoch(0)).sparse.origin == f"{on(0)} row groups 1-3"  # rows 60-119
+    small = ParquetLoader(files, COLUMNS, global_batch_size=30, shuffle=False, prefetch_batches=0)
+    assert next(small.epoch(0)).sparse.origin == f"{on(0)} row group 0"  # rows 0-29
+    assert next(iter(one.epoch(0))).to("cpu").sparse.origin == origins[0]
+
+
 def test_errors_name_the_problem(files, tmp_path):
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet at all")

@@ -1,6 +1,7 @@
 """Bad input and faults: damaged or tampered checkpoints, unusable folders, two runs in one folder,
 shape mismatches, the loader at exit, reshard's refusals. Each error is one line naming what is wrong."""
 import json
+import re
 import threading
 
 import pytest
@@ -172,3 +173,56 @@ def test_reshard_refuses_to_write_into_its_source_and_absurd_world_sizes(small_d
         r = run_cli("-m", "distrec", "reshard", "--checkpoint", str(src), "--out", str(out), "--world-size", str(world))
         assert r.returncode == 2 and said in r.stderr.strip().splitlines()[-1], r.stderr
     assert [p.name for p in ckpt.list_checkpoints(src)] == ["step_5"]
+
+
+BAD_FILE, BAD_GROUP, BAD_GROUP_ROWS = "part-00001.parquet", 5, 250
+
+
+def data_with_a_bad_id(data, tmp_path):
+    """A copy of the data whose train/part-00001.parquet, rewritten in row groups of 250 rows (the others
+    have 500), holds one c4 id of 300 (c4 has 300 rows) in row group 5. The manifest is unchanged, so
+    only the loaded batch can tell."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "bad_data"
+    shutil.copytree(data, bad)
+    path = bad / "train" / BAD_FILE
+    pf = pq.ParquetFile(path)
+    assert pf.metadata.num_rows == 2500 and pf.metadata.row_group(0).num_rows == 500  # as SMALL_TOML makes it
+    table = pf.read()
+    c4 = table["c4"].to_numpy().copy()
+    c4[BAD_GROUP * BAD_GROUP_ROWS + 7] = 300
+    pq.write_table(table.set_column(table.schema.get_field_index("c4"), "c4", pa.array(c4)), path,
+                   row_group_size=BAD_GROUP_ROWS)
+    return bad, f"{path} row group {BAD_GROUP}"
+
+
+def test_an_id_beyond_its_table_names_the_file_and_row_group(small_data, tmp_path, capsys):
+    bad, where = data_with_a_bad_id(small_data[1], tmp_path)
+    # Batches of 250 rows tile the groups of 250 and 500 rows: the bad batch holds no other group's rows.
+    code, _, err = train((small_data[0], bad), tmp_path, capsys, "--train.global_batch_size=250",
+                         "--train.epochs=1")
+    assert code == 2
+    assert one_error_line(err) == ("distrec.train: error: rank 0: feature c4: id 300 is out of range for table c4 "
+                                   f"with 300 rows in {where}")
+
+
+@pytest.mark.parametrize("pipeline", ["false", "true"])
+def test_an_id_beyond_its_table_on_one_rank_is_named_with_its_file_on_every_rank(small_data, tmp_path, pipeline):
+    """Batches of 500 on 2 ranks: each rank's 250 rows are one group (or half of one), never the other
+    rank's, so the rank without the bad row can name its file and group only if the bad rank sent them."""
+    bad, where = data_with_a_bad_id(small_data[1], tmp_path)
+    r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distrec.train",
+                "--config", str(small_data[0]), f"--data.path={bad}", f"--logging.dir={tmp_path / 'logs'}",
+                f"--checkpoint.dir={tmp_path / 'ckpt'}",
+                f"--train.pipeline={pipeline}", "--train.global_batch_size=500", "--train.epochs=1")
+    assert r.returncode != 0
+    errors = sorted(line for line in r.stderr.splitlines() if line.startswith("distrec.train: error: "))
+    assert [line[:len("distrec.train: error: [rank 0]")] for line in errors] == \
+        [f"distrec.train: error: [rank {rank}]" for rank in (0, 1)], r.stderr[-3000:]
+    said = {line.split("] ", 1)[1] for line in errors}  # the same message on both ranks, naming the bad one
+    assert len(said) == 1 and re.fullmatch(rf"rank [01]: feature c4: id 300 is out of range for table c4 "
+                                           rf"with 300 rows in {re.escape(where)}", said.pop()), errors

@@ -181,7 +181,20 @@ class ParquetLoader:
             yield g, perm[a:b]
             lo, k = starts[k] + b, k + 1
 
-    def _make_batch(self, parts: list[tuple[_Group, np.ndarray]]) -> Batch:
+    def origin(self, groups: list[int]) -> str:
+        """Where a batch's rows came from, for error messages: "FILE row group 2", or runs such as
+        "FILE row groups 2-3, OTHER row group 0" (a batch can span groups, and files when shuffled)."""
+        runs: list[list] = []  # [file index, first row group, last row group]
+        for g in groups:
+            fi, gi, _ = self.groups[g]
+            if runs and runs[-1][0] == fi and runs[-1][2] + 1 == gi:
+                runs[-1][2] = gi
+            else:
+                runs.append([fi, gi, gi])
+        return ", ".join(f"{self.files[fi]} row group {a}" if a == b else f"{self.files[fi]} row groups {a}-{b}"
+                         for fi, a, b in runs)
+
+    def _make_batch(self, parts: list[tuple[_Group, np.ndarray]], origin: str) -> Batch:
         label = np.concatenate([grp.label[rows] for grp, rows in parts]) if parts else np.zeros(0, np.float32)
         dense = np.concatenate([grp.dense[rows] for grp, rows in parts]) if parts \
             else np.zeros((0, len(self.columns.dense)), np.float32)
@@ -190,21 +203,22 @@ class ParquetLoader:
             taken = [_take_jagged(*grp.cats[f], rows) for grp, rows in parts]
             values.append(torch.from_numpy(np.concatenate([v for v, _ in taken]) if taken else np.zeros(0, np.int64)))
             lengths.append(torch.from_numpy(np.concatenate([n for _, n in taken]) if taken else np.zeros(0, np.int64)))
-        sparse = JaggedBatch.from_per_key(self.columns.categorical, values, lengths)
+        sparse = JaggedBatch.from_per_key(self.columns.categorical, values, lengths, origin)
         return Batch(torch.from_numpy(dense), sparse, torch.from_numpy(label))
 
     def _produce(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         order, starts = self._order(epoch)
         cache: dict[int, _Group] = {}
         for b in range(start_batch, self.num_batches()):
-            parts = []
+            parts, groups = [], []
             for g, rows in self._segments(epoch, *self.local_range(b), order, starts):
+                groups.append(g)
                 if g not in cache:
                     if len(cache) >= GROUP_CACHE:  # the stream visits groups in order: drop the oldest
                         del cache[next(iter(cache))]
                     cache[g] = self._read_group(g)
                 parts.append((cache[g], rows))
-            yield self._make_batch(parts)
+            yield self._make_batch(parts, self.origin(groups))
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """This rank's batches of ``epoch`` from global batch ``start_batch`` on (for resuming)."""

@@ -35,5 +35,6 @@ def check_ids(sparse: JaggedBatch, specs: list[TableSpec]) -> None:
     for spec, ids in zip(specs, per_key):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= spec.num_rows):
             bad = ids[(ids < 0) | (ids >= spec.num_rows)][0].item()
+            where = f" in {sparse.origin}" if sparse.origin else ""
             raise IdRangeError(f"feature {spec.name}: id {bad} is out of range for table {spec.name} "
-                               f"with {spec.num_rows} rows")
+                               f"with {spec.num_rows} rows{where}")

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from sharding.optim import state_names
 from sharding.planner.types import DenseCost, MemoryCost, RankCost, ShardOption, TimeCost, Topology, Workload
 from sharding.sharding_types import RULES
-from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig
+from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig, state_names
 
 FP32_BYTES = 4  # weights, optimizer state, pooled rows and their gradients are fp32 in the runtime
 ID_BYTES = 8  # ids and bag lengths travel as int64 (sharding/runtime.py, start_input_dist)

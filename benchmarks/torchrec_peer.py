@@ -41,6 +41,7 @@ from distrec.config import load_config, table_specs
 from distrec.data.loader import Batch
 from distrec.tools.data.synth import zipf_ids
 from sharding.comm import close_process_group, init_process_group
+from sharding.files import atomic_write
 from sharding.jagged import JaggedBatch
 from sharding.types import TableConfig
 
@@ -226,10 +227,7 @@ def _rank_entry(fn, rank: int, world: int, workdir: str, args: tuple) -> None:
         result = {"ok": fn(rank, world, *args)}
     except Exception:
         result = {"error": traceback.format_exc()}
-    tmp = os.path.join(workdir, f".rank{rank}.json")
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, os.path.join(workdir, f"rank{rank}.json"))  # written before teardown, which may abort
+    atomic_write(os.path.join(workdir, f"rank{rank}.json"), json.dumps(result))  # before teardown, which may abort
     close_process_group()
 
 

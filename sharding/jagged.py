@@ -32,6 +32,14 @@ class JaggedBatch:
     def length_per_key(self) -> list[int]:
         return self.lengths.view(len(self.keys), -1).sum(1).tolist()
 
+    def first_out_of_range(self, num_rows: list[int]) -> tuple[int, int] | None:
+        """(key index, id) of the first id < 0 or >= its key's table rows, else None: checked before a
+        lookup, whose own index error would name neither the table nor the id."""
+        for i, (ids, rows) in enumerate(zip(torch.split(self.values, self.length_per_key()), num_rows)):
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+                return i, int(ids[(ids < 0) | (ids >= rows)][0])
+        return None
+
     def per_key(self) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor] | None]:
         """(each key's ids, lengths as [keys, batch], each key's weights or None)."""
         split = self.length_per_key()

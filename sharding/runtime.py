@@ -106,13 +106,8 @@ class ShardedEmbeddingCollection(nn.Module):
     def _check(self, sparse: JaggedBatch) -> tuple[int, int, int]:
         if sparse.keys != self.names:
             return ERR_KEYS, 0, 0
-        per_key = torch.split(sparse.values, sparse.length_per_key())
-        for i, (t, ids) in enumerate(zip(self.tables, per_key)):
-            if ids.numel():
-                bad = ids[(ids < 0) | (ids >= t.num_rows)]
-                if bad.numel():
-                    return ERR_RANGE, i, int(bad[0])
-        return ERR_NONE, 0, 0
+        bad = sparse.first_out_of_range([t.num_rows for t in self.tables])
+        return (ERR_RANGE, *bad) if bad else (ERR_NONE, 0, 0)
 
     def _routing(self) -> None:
         """Tables and row ranges as one id space: a sorted search finds every id's row or table shard

@@ -300,6 +300,19 @@ def test_calibration_round_trip_and_use(tmp_path):
     assert topo.step_overhead_s == 0.01 and str(path) in topo.calibrated
 
 
+def test_calibration_file_of_another_version_is_named_and_replaced_by_a_new_measurement(tmp_path):
+    path = tmp_path / "cal.json"
+    path.write_text('{"version": 1, "presets": {"cpu": {}}}')
+    with pytest.raises(PlannerError, match=r"cal\.json: calibration version 1, this code reads 2: "
+                                           r"run `distrec plan --calibrate` again"):
+        load_calibration(path, "cpu")
+    save_calibration(path, "cpu", {"lookup_bytes_per_s": 1.0})  # rates measured otherwise are not mixed in
+    assert load_calibration(path, "cpu")["lookup_bytes_per_s"] == 1.0
+    path.write_text("{not json")
+    with pytest.raises(PlannerError, match=r"cal\.json: not a readable calibration file"):
+        load_calibration(path, "cpu")
+
+
 def test_calibration_recovers_the_rates_of_a_machine_that_follows_the_model():
     """Seconds made by the cost model for known rates; the two-size fits must give those rates back."""
     from sharding.planner.calibration import alltoall_sizes, rates_from_seconds

@@ -31,10 +31,8 @@ class EmbeddingPart(Protocol):
 
 def check_ids(sparse: JaggedBatch, specs: list[TableSpec]) -> None:
     """Raise IdRangeError for an id < 0 or >= its table's rows (before torch's own opaque index error)."""
-    per_key = torch.split(sparse.values, sparse.length_per_key())
-    for spec, ids in zip(specs, per_key):
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= spec.num_rows):
-            bad = ids[(ids < 0) | (ids >= spec.num_rows)][0].item()
-            where = f" in {sparse.origin}" if sparse.origin else ""
-            raise IdRangeError(f"feature {spec.name}: id {bad} is out of range for table {spec.name} "
-                               f"with {spec.num_rows} rows{where}")
+    bad = sparse.first_out_of_range([spec.num_rows for spec in specs])
+    if bad is not None:
+        spec, where = specs[bad[0]], f" in {sparse.origin}" if sparse.origin else ""
+        raise IdRangeError(f"feature {spec.name}: id {bad[1]} is out of range for table {spec.name} "
+                           f"with {spec.num_rows} rows{where}")

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from sharding.files import atomic_write
+from sharding.files import atomic_write, read_versioned_json
 from sharding.planner.estimate import estimate_plan, replica_sync_bytes
 from sharding.planner.simple import simple_plan
 from sharding.planner.types import DenseCost, PlannerError, Topology, Workload
@@ -173,12 +173,11 @@ def load_calibration(path: str | os.PathLike, preset: str) -> dict | None:
 
 def _read(path: Path) -> dict:
     try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PlannerError(f"{path}: not a calibration file ({e})") from None
-    if doc.get("version") != CALIBRATION_VERSION or not isinstance(doc.get("presets"), dict):
-        raise PlannerError(f"{path}: calibration format {doc.get('version')!r}, this code reads "
-                           f"{CALIBRATION_VERSION}: run `distrec plan --calibrate` again")
+        doc = read_versioned_json(path, "version", CALIBRATION_VERSION, PlannerError, "calibration")
+    except PlannerError as e:  # another version measured differently: its rates cannot be mixed in
+        raise PlannerError(f"{e}: run `distrec plan --calibrate` again") from None
+    if not isinstance(doc.get("presets"), dict):
+        raise PlannerError(f"{path}: a calibration file without presets: run `distrec plan --calibrate` again")
     return doc
 
 

@@ -41,6 +41,12 @@ def _preprocess(args: argparse.Namespace, rest: list[str]) -> int:
     return preprocess_main(args, rest)
 
 
+def _libfm(args: argparse.Namespace, rest: list[str]) -> int:
+    from distrec.tools.data.libfm import main as libfm_main
+
+    return libfm_main(args)
+
+
 def _doctor(args: argparse.Namespace, rest: list[str]) -> int:
     from distrec.tools.doctor import main as doctor_main
 
@@ -92,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(data, "preprocess", "Criteo TSV (plain or gzip) -> Parquet shards + manifest", add_preprocess_arguments,
              _preprocess, epilog=None)
+    from distrec.tools.data.libfm import add_arguments as add_libfm_arguments
+
+    _command(data, "libfm", "libFM files (public CTR benchmarks) -> TSV for `data preprocess`", add_libfm_arguments,
+             _libfm, epilog=None)
     from distrec.tools.reshard import add_arguments as add_reshard_arguments
 
     _command(sub, "reshard", "re-cut a checkpoint for another plan / world size, or unshard it", add_reshard_arguments,

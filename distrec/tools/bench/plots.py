@@ -56,11 +56,11 @@ def throughput(groups: dict[str, Group], out: Path) -> str:
         row[1].set_title(f"{model}: weak scaling, {batch // 2} rows per rank")
         for ax in row:
             ax.set_xticks(sorted({g.spec["ranks"] for g in groups.values() if g.spec["model"] == model}))
-            label(ax, "ranks", "samples/s (median)")
+            axis_labels(ax, "ranks", "samples/s (median)")
     return save(fig, out, "throughput_vs_ranks.png")
 
 
-def label(ax, x: str, y: str, legend_size: int = 7) -> None:
+def axis_labels(ax, x: str, y: str, legend_size: int = 7) -> None:
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     ax.legend(fontsize=legend_size)
@@ -104,7 +104,7 @@ def auc_curves(groups: dict[str, Group], out: Path) -> str:
                     ax.plot(*zip(*curve), marker="o", label=f"{ENGINE_LABEL[s['engine']]}, {s['ranks']} ranks "
                                                            f"({g.ok[0]['run_id']})")
         ax.set_title(f"{model}: AUC vs samples trained")
-        label(ax, "samples", "AUC (eval split)", legend_size=6)
+        axis_labels(ax, "samples", "AUC (eval split)", legend_size=6)
     return save(fig, out, "auc_vs_samples.png")
 
 

@@ -8,6 +8,7 @@
     distrec ps --workers 2 --servers 1 --config configs/demo.toml
     distrec plan --gpus 8 --config configs/criteo_terabyte.toml --hbm-gb 16 --json plan.json
     distrec bench --quick --out report/
+    distrec eval --checkpoint runs/demo/ckpt --split test
 """
 from __future__ import annotations
 
@@ -75,6 +76,12 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
         return 2
 
 
+def _eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from distrec.tools.eval import main as eval_main
+
+    return eval_main(args, rest)
+
+
 def _plan(args: argparse.Namespace, rest: list[str]) -> int:
     from distrec.tools.plan import main as plan_main
 
@@ -113,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(sub, "plan", "place the embedding tables on N ranks: estimated memory, step time, why", add_plan_arguments,
              _plan)
+    from distrec.tools.eval import add_arguments as add_eval_arguments
+
+    _command(sub, "eval", "evaluate a checkpoint on a split (AUC, logloss, calibration), on any world size",
+             add_eval_arguments, _eval)
     from distrec.tools.bench.cli import add_arguments as add_bench_arguments
 
     _command(sub, "bench", "scaling benchmark report: sweep engines, strategies and ranks; `bench compare A B`",

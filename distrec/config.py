@@ -36,6 +36,7 @@ class DataConfig:
     path: str = "runs/demo/data"  # a folder with manifest.json (from `distrec data synth|preprocess`)
     train_split: str = "train"
     eval_split: str = "valid"
+    test_split: str = ""  # "": none; else evaluated once at the end, with the best model (or the last)
     shuffle: bool = True  # row-group order and rows within a group, per seed and epoch
     drop_last: bool = False  # False: the last partial global batch is trained on, split over ranks
     prefetch_batches: int = 4  # batches each rank decodes ahead in its background thread
@@ -132,6 +133,14 @@ class DenseConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Stop when ``metric`` has not improved for ``patience`` evaluations in a row (at eval.every_steps)."""
+
+    metric: str = ""  # "": off | auc (higher is better) | logloss (lower is better)
+    patience: int = 2
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     global_batch_size: int = 4096  # summed over ranks
@@ -144,6 +153,8 @@ class TrainConfig:
     # >0: time each step's phases (data wait, all-to-alls, lookup, all-reduce, optimizer) and write their
     # means over the last N steps as {"kind": "breakdown"} to metrics.jsonl (distrec bench uses it)
     profile_steps: int = 0
+    # train.early_stop = {metric = "auc", patience = 2}, or --train.early_stop.patience=3
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
 
 @dataclass
@@ -159,6 +170,9 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end
     resume: bool = False  # continue from the newest checkpoint in dir
     keep: int = 2
+    # "auc" | "logloss": a checkpoint at every evaluation, the best by this metric kept apart from `keep`
+    # (DIR/best.json names it) and evaluated at the end; "": off
+    keep_best: str = ""
 
 
 @dataclass
@@ -232,6 +246,8 @@ CHOICES = {
     ("optimizer", "dense"): DENSE_OPTIMIZERS,
     ("optimizer", "sparse"): OPTIMIZERS,
     ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "early_stop.metric"): ("", "auc", "logloss"),
+    ("checkpoint", "keep_best"): ("", "auc", "logloss"),
     ("plan", "default"): SHARDING_TYPES,
     ("plan", "kernel"): KERNELS,
     ("dense", "engine"): ("ddp", "horovod"),
@@ -268,21 +284,42 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 
 def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    """Set ``section.key``; ``key`` may name a nested table's key (``early_stop.patience``), and a TOML
+    table given for a nested table sets its keys one by one (each checked)."""
     if section not in SECTIONS:
         hint = difflib.get_close_matches(section, SECTIONS, n=1)
         raise ConfigError(f"{where}: unknown section [{section}]"
                           + (f" (did you mean [{hint[0]}]?)" if hint else f" (known: {', '.join(SECTIONS)})"))
-    sect = getattr(cfg, section)
+    sect, *parents = [getattr(cfg, section), *key.split(".")[:-1]]
+    leaf, path = key.split(".")[-1], section
+    for part in parents:
+        sect, path = _nested(sect, path, part, where), f"{path}.{part}"
     hints = typing.get_type_hints(type(sect))
-    if key not in hints:
-        close = difflib.get_close_matches(key, list(hints), n=1)
-        raise ConfigError(f"{where}: unknown key '{section}.{key}'"
-                          + (f" (did you mean '{section}.{close[0]}'?)" if close else ""))
-    value = _coerce(value, hints[key], f"{where}: {section}.{key}")
+    if leaf not in hints:
+        close = difflib.get_close_matches(leaf, list(hints), n=1)
+        raise ConfigError(f"{where}: unknown key '{path}.{leaf}'"
+                          + (f" (did you mean '{path}.{close[0]}'?)" if close else ""))
+    if dataclasses.is_dataclass(hints[leaf]):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {path}.{leaf}: expected a table {{key = value}}, got {value!r}")
+        for k, v in value.items():
+            _apply(cfg, section, f"{key}.{k}", v, where)
+        return
+    value = _coerce(value, hints[leaf], f"{where}: {path}.{leaf}")
     allowed = CHOICES.get((section, key))
     if allowed and value not in allowed:
-        raise ConfigError(f"{where}: {section}.{key} = {value!r} is not one of {', '.join(allowed)}")
-    setattr(sect, key, value)
+        names = ", ".join(a if a else '"" (off)' for a in allowed)
+        raise ConfigError(f"{where}: {section}.{key} = {value!r} is not one of {names}")
+    setattr(sect, leaf, value)
+
+
+def _nested(sect: Any, path: str, part: str, where: str) -> Any:
+    """The nested table ``path.part`` (an error when there is none by that name)."""
+    hints = typing.get_type_hints(type(sect))
+    if part not in hints or not dataclasses.is_dataclass(hints[part]):
+        raise ConfigError(f"{where}: unknown key '{path}.{part}' (not a table)" if part not in hints else
+                          f"{where}: '{path}.{part}' is a value, not a table")
+    return getattr(sect, part)
 
 
 def _parse_value(text: str) -> Any:
@@ -312,7 +349,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, Any]]:
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
-    cfg = Config()
+    doc = {}
     if path:
         p = Path(path)
         if not p.is_file():
@@ -321,12 +358,23 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
             doc = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
-        for section, body in doc.items():
-            if not isinstance(body, dict):
-                raise ConfigError(f"{path}: top-level key '{section}' must be a [section]")
-            for key, value in body.items():
-                _apply(cfg, section, key, value, path)
-        cfg.source = path
+    return config_from_dict(doc, path or "", overrides)
+
+
+def config_from_dict(doc: dict, where: str, overrides: list[str] | None = None) -> Config:
+    """A Config from a parsed TOML document or a checkpoint's saved ``to_dict`` (``where`` names it in
+    errors), then the command-line overrides.
+
+        cfg = config_from_dict(ckpt.common["config"], "runs/ckpt/step_40", ["--data.path=runs/demo/data"])
+    """
+    cfg = Config()
+    for section, body in doc.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: top-level key '{section}' must be a [section]")
+        for key, value in body.items():
+            _apply(cfg, section, key, value, where)
+    if where:
+        cfg.source = where
     for section, key, value in parse_overrides(overrides or []):
         _apply(cfg, section, key, value, f"command line --{section}.{key}")
     _resolve_schema(cfg.schema)
@@ -393,6 +441,21 @@ def validate(cfg: Config) -> None:
     if cfg.ps.workers < 1 or cfg.ps.servers < 1 or cfg.ps.timeout_s <= 0:
         raise ConfigError(f"{src}: ps.workers and ps.servers must be >= 1 and ps.timeout_s > 0")
     _validate_planner(cfg, [spec.name for spec in specs])
+    _validate_best(cfg)
+
+
+def _validate_best(cfg: Config) -> None:
+    """Early stopping needs periodic evaluations; the best model is kept on disk, in checkpoint.dir."""
+    src, stop = cfg.source, cfg.train.early_stop
+    if stop.metric and (stop.patience < 1 or cfg.eval.every_steps < 1):
+        raise ConfigError(f"{src}: train.early_stop needs train.early_stop.patience >= 1 and eval.every_steps >= 1 "
+                          f"(got {stop.patience} and {cfg.eval.every_steps})")
+    if (stop.metric or cfg.checkpoint.keep_best) and not cfg.checkpoint.dir:
+        raise ConfigError(f"{src}: train.early_stop and checkpoint.keep_best keep the best model in checkpoint.dir, "
+                          "which is not set")
+    if stop.metric and cfg.checkpoint.keep_best and stop.metric != cfg.checkpoint.keep_best:
+        raise ConfigError(f"{src}: train.early_stop.metric = {stop.metric!r} and checkpoint.keep_best = "
+                          f"{cfg.checkpoint.keep_best!r}: one best model, one metric; make them the same")
 
 
 def _validate_planner(cfg: Config, tables: list[str]) -> None:

@@ -6,50 +6,26 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-import torch
 
-from distrec.config import Config, ConfigError, dump_toml, load_config, table_specs
+from distrec.config import Config, ConfigError, dump_toml, load_config
 from distrec.data.loader import make_loader
-from distrec.data.manifest import DataError, check_schema, read_manifest
-from distrec.model.dlrm import DLRM
+from distrec.data.manifest import DataError, read_manifest
+from distrec.trainer.best import BestModel, report_test
+from distrec.trainer.build import build_model
 from distrec.trainer.checkpoint import CheckpointError, agreed, check_writable, open_for_resume
 from distrec.trainer.dense_parallel import wrap_dense
 from distrec.trainer.dist import DistContext, init_distributed, shutdown
 from distrec.trainer.locks import RunLockError, lock_run_dirs, release
 from distrec.trainer.logs import MetricsLog, write_resolved_config
 from distrec.trainer.loop import report_breakdown, train_loop
-from distrec.trainer.optim import make_optimizers, sparse_spec
 from distrec.trainer.phases import PhaseTimer
 from distrec.trainer.plan_check import report_plan_check
 from distrec.trainer.state import Position, restore
-from sharding.plan import describe_plan, load_plan
-from sharding.planner import simple_plan
-from sharding.runtime import InputError, ShardedEmbeddingCollection
-from sharding.types import PlanError, TableConfig
-
-
-def check_cardinalities(cfg: Config, manifest: dict, specs) -> None:
-    """Tables smaller than the data's id range would fail deep inside the lookup: say so up front."""
-    for spec in specs:
-        have = manifest.get("cardinalities", {}).get(spec.name, 0)
-        if have > spec.num_rows:
-            raise ConfigError(f"{cfg.source}: table {spec.name} has {spec.num_rows} rows but the data in "
-                              f"{cfg.data.path} has ids up to {have - 1}; raise tables.cardinalities")
-
-
-def ranks_per_node(cfg: Config, ctx: DistContext) -> int | None:
-    """Ranks per node as the launcher says (torchrun: LOCAL_WORLD_SIZE; horovodrun: HOROVOD_LOCAL_SIZE),
-    for table-row-wise tables; an error when they need it and the launcher does not say."""
-    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("HOROVOD_LOCAL_SIZE")
-    if local:
-        return int(local)
-    if ctx.world_size > 1 and "table_row_wise" in [cfg.plan.default, *cfg.plan.overrides().values()]:
-        raise ConfigError(f"{cfg.source}: table_row_wise needs the ranks per node, and the launcher did not set "
-                          "LOCAL_WORLD_SIZE; launch with torchrun (or set it)")
-    return None
+from sharding.plan import describe_plan
+from sharding.runtime import InputError
+from sharding.types import PlanError
 
 
 def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note) -> Position:
@@ -76,23 +52,16 @@ def run(cfg: Config, ctx: DistContext) -> dict:
 
 def _run(cfg: Config, ctx: DistContext) -> dict:
     manifest = read_manifest(cfg.data.path)
-    check_schema(manifest, cfg.schema.label, cfg.schema.dense, cfg.schema.categorical, cfg.source)
-    specs = table_specs(cfg, manifest.get("cardinalities"))
-    check_cardinalities(cfg, manifest, specs)
-    tables = [TableConfig(s.name, s.num_rows, s.dim, s.pooling) for s in specs]
-    plan = load_plan(cfg.plan.file, tables, ctx.world_size) if cfg.plan.file else \
-        simple_plan(tables, ctx.world_size, cfg.plan.default, cfg.plan.overrides(), ranks_per_node(cfg, ctx))
-    torch.manual_seed(cfg.train.seed)
     timer = PhaseTimer() if cfg.train.profile_steps else None
-    embeddings = ShardedEmbeddingCollection(tables, plan, rank=ctx.rank, group=ctx.group, seed=cfg.train.seed,
-                                            device=ctx.device, optim=sparse_spec(cfg.optimizer), kernel=cfg.plan.kernel,
-                                            timer=timer)
-    model = DLRM.from_config(cfg, embeddings).to(ctx.device)
-    ddp, optimizers = wrap_dense(model, make_optimizers(cfg.optimizer, model), ctx, timer)
+    built = build_model(cfg, ctx, manifest, timer)
+    specs, tables, plan, embeddings, model = built.specs, built.tables, built.plan, built.embeddings, built.model
+    ddp, optimizers = wrap_dense(model, built.optimizers, ctx, timer)
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
+    test_loader = make_loader(cfg, manifest, cfg.data.test_split, ctx, train=False) if cfg.data.test_split else None
     notes: list[str] = []  # said once the log exists
     pos = resume(cfg, ctx, model, embeddings, optimizers, notes.append)
+    best = BestModel.start(cfg, ctx, pos.step, notes.append)
     total = train_loader.num_batches() * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
@@ -109,7 +78,12 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
                                  "metrics.jsonl shows how much of it was not hidden)" if cfg.train.pipeline else "off"))
         if pos.step:
             log.info(f"resumed from {cfg.checkpoint.dir} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
-    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer)
+    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer, best)
+    if best is not None:  # the final evaluation is of the best model, and the test split sees that one
+        result = best.final(model, optimizers, eval_loader, ctx, log, result)
+    if test_loader is not None:
+        which = ("best", result["best_step"]) if best is not None else ("last", pos.step)
+        result["test"] = report_test(model, test_loader, ctx, log, which[1], which[0])
     report_plan_check(cfg, ctx, plan, specs, model.embeddings, result, log)
     if timer is not None:
         report_breakdown(cfg, ctx, timer, log)
@@ -119,7 +93,9 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
 
 
 def summary_line(result: dict) -> str:
-    line = (f"final: step {result['step']} | auc {result['auc']:.4f} | logloss {result['logloss']:.4f} | "
+    head = f"final (best, step {result['best_step']} of {result['step']}): " if "best_step" in result else \
+        f"final: step {result['step']} | "
+    line = (f"{head}auc {result['auc']:.4f} | logloss {result['logloss']:.4f} | "
             f"{result['samples_per_s']:,.0f} samples/s")
     if result.get("bayes_auc") is not None:
         line += f" | bayes auc {result['bayes_auc']:.4f} (gap {result['bayes_auc'] - result['auc']:.4f})"

@@ -12,6 +12,10 @@ a rank resuming under another plan reads only the files it needs). Ranks write i
 once all have, rank 0 renames it into place and then rewrites ``latest``. A crash during a save leaves
 the previous checkpoint and ``latest`` untouched. With several nodes the folder must be shared storage.
 
+``best.json`` (``checkpoint.keep_best``) names the best step by a metric, with its value; that step is
+never removed by the rolling ``keep``. It is written atomically after its step is committed, so it
+always names a complete checkpoint; the step it named before is removed only after it is rewritten.
+
 ``index.json`` also records every file's size and SHA-256, so a resume verifies a step before using it
 and falls back to the newest step that verifies (``find_resumable``). Files hold only tensors and plain
 data and are read with ``torch.load(weights_only=True)``: a file carrying anything else (a pickled
@@ -36,6 +40,8 @@ from distrec.trainer.dist import all_gather_object
 from sharding.files import atomic_write, read_versioned_json
 
 LATEST = "latest"
+BEST = "best.json"
+BEST_VERSION = 1
 COMMON, INDEX = "common.pt", "index.json"
 FORMAT_VERSION = 2  # 2: index.json records each file's size and SHA-256
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -111,9 +117,37 @@ def _commit(ckpt_dir: Path, step: int, common: dict, owns_index: list[list], fil
     shutil.rmtree(final, ignore_errors=True)  # the same step saved again (e.g. a rerun without resume)
     os.replace(staging, final)
     _write(ckpt_dir / LATEST, final.name.encode())
-    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(ckpt_dir, keep)
     return final
+
+
+def prune(ckpt_dir: str | Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` steps (0: keep all), and never the step best.json names."""
+    best = read_best(ckpt_dir)
+    protected = Path(ckpt_dir) / f"step_{best['step']}" if best else None
+    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        if old != protected:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_best(ckpt_dir: str | Path) -> dict | None:
+    """best.json: {"step", "metric", "value"} of the best checkpoint, or None when there is none."""
+    path = Path(ckpt_dir) / BEST
+    if not path.is_file():
+        return None
+    return read_versioned_json(path, "format_version", BEST_VERSION, CheckpointError, "best checkpoint record")
+
+
+def write_best(ckpt_dir: str | Path, step: int, metric: str, value: float, keep: int) -> None:
+    """Name ``step`` (already committed) the best, then remove the step named before if ``keep`` lets it go."""
+    doc = {"format_version": BEST_VERSION, "step": step, "metric": metric, "value": value}
+    _write(Path(ckpt_dir) / BEST, json.dumps(doc).encode())
+    prune(ckpt_dir, keep)
+
+
+def forget_best(ckpt_dir: str | Path) -> None:
+    """A run that starts afresh in a folder: an earlier run's best.json no longer names this run's best."""
+    (Path(ckpt_dir) / BEST).unlink(missing_ok=True)
 
 
 def index_of(own: dict) -> list:

@@ -1,6 +1,9 @@
 """The training loop: epochs of steps, with logging, periodic evaluation and checkpoints.
 
-    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer)
+    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer, best)
+
+``best`` (distrec.trainer.best.BestModel, or None): each evaluation is also saved and tracked, and an
+early stop ends the loop after the evaluation that decides it.
 """
 from __future__ import annotations
 
@@ -23,10 +26,12 @@ def samples_seen(pos: Position, loader: ParquetLoader) -> int:
     return pos.epoch * loader.num_rows + min(pos.batch * loader.global_batch_size, loader.num_rows)
 
 
-def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer=None) -> dict:
+def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer=None,
+               best=None) -> dict:
     window, G, since_log = Window(), train_loader.global_batch_size, 0
+    stopped = lambda: best is not None and best.stopped  # noqa: E731
     step_opts = [TimedOptimizer(o, timer) for o in optimizers] if timer is not None else optimizers
-    while pos.step < total:
+    while pos.step < total and not stopped():
         batches = (b.to(ctx.device) for b in train_loader.epoch(pos.epoch, pos.batch))
         if cfg.train.pipeline:
             batches = pipelined(batches, model.embeddings)
@@ -46,21 +51,36 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
                                  pipelined=cfg.train.pipeline)
                 since_log = 0
             with window.paused():
-                if cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0 and not last:
-                    log.evaluation(pos.step, **evaluate(model, eval_loader, ctx))
+                evaluated = bool(cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0 and not last)
+                if evaluated:
+                    result = evaluation(cfg, ctx, model, optimizers, eval_loader, pos, log, best)
                 if cfg.checkpoint.dir and cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0 \
-                        and not last:
+                        and not last and not (evaluated and best):  # with best on, the evaluation saved it
                     checkpoint(cfg, ctx, model, optimizers, pos)
-            if last:
+            if last or stopped():
                 break
         if pos.batch >= train_loader.num_batches():
             pos.epoch, pos.batch = pos.epoch + 1, 0
-    result = evaluate(model, eval_loader, ctx)
-    log.evaluation(pos.step, **result)
-    if cfg.checkpoint.dir:
-        checkpoint(cfg, ctx, model, optimizers, pos)
+    if stopped() and since_log:  # the steps since the last train record, as `last` would have logged them
+        log.train_window(pos.step, samples_seen(pos, train_loader), *window.close(ctx, since_log),
+                         pipelined=cfg.train.pipeline)
+    if not stopped():  # an early stop has just evaluated and saved this model
+        result = evaluation(cfg, ctx, model, optimizers, eval_loader, pos, log, best, final=True)
     return {**result, "step": pos.step,
             "samples_per_s": window.trained / window.train_time if window.train_time else 0.0}
+
+
+def evaluation(cfg: Config, ctx: DistContext, model, optimizers, eval_loader, pos: Position, log, best,
+               final: bool = False) -> dict:
+    """Evaluate and log; with ``best``, save and track it too; the final one is saved in any case."""
+    result = evaluate(model, eval_loader, ctx)
+    log.evaluation(pos.step, **result)
+    save = lambda: checkpoint(cfg, ctx, model, optimizers, pos)  # noqa: E731
+    if best is not None:
+        best.after_evaluation(pos, result, save, log, final)
+    elif final and cfg.checkpoint.dir:
+        save()
+    return result
 
 
 def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position) -> None:

@@ -79,7 +79,7 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
     check_schema(manifest, cfg.schema.label, cfg.schema.dense, cfg.schema.categorical, cfg.source)
     specs = table_specs(cfg, manifest.get("cardinalities"))
     check_cardinalities(cfg, manifest, specs)
-    tables = [TableConfig(s.name, s.num_rows, s.dim, s.pooling) for s in specs]
+    tables = [TableConfig(s.name, s.num_rows, s.dim, s.pooling, s.init, s.init_std) for s in specs]
     plan = load_plan(cfg.plan.file, tables, ctx.world_size) if cfg.plan.file else \
         simple_plan(tables, ctx.world_size, cfg.plan.default, cfg.plan.overrides(), ranks_per_node(cfg, ctx))
     torch.manual_seed(cfg.train.seed)

@@ -41,6 +41,8 @@ class TableConfig:
     num_rows: int
     dim: int
     pooling: str = "sum"  # sum | mean
+    init: str = "uniform"  # sharding.init.INITS: uniform (+-sqrt(1 / num_rows)) | normal | zeros
+    init_std: float = 0.0  # the standard deviation of init = "normal"
 
 
 @dataclass(frozen=True)

@@ -269,3 +269,14 @@ def test_options_in_the_resolved_config(tmp_path):
     model = DLRM.from_config(again, LocalEmbeddings(__import__("distrec.config").config.table_specs(again)))
     assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.1, 0.2]
     assert isinstance(model.top[1], nn.LayerNorm) and model.fm is not None
+
+
+def test_ps_server_rows_follow_tables_init(tmp_path):
+    from distrec.config import table_specs
+    from distrec.tools.ps.server import ParamServer
+    cfg = load_config(write(tmp_path, ""), ['--tables.inits=["zeros","normal"]', "--tables.init_std=0.5",
+                                            "--tables.cardinality=4000"])
+    server = ParamServer(cfg, table_specs(cfg), index=0, num_servers=1)
+    assert torch.equal(server.weights[0].detach(), torch.zeros(4000, 4))
+    # normal(0, 0.5): sample std within 6 standard errors, 6 * 0.5 / sqrt(2 n), n = 16000
+    assert abs(float(server.weights[1].std()) - 0.5) <= 6 * 0.5 / (2 * 16000) ** 0.5

@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 # The sparse operation kit's vocabularies: configs are checked against the names the kit defines.
-from sharding.init import INITS as TABLE_INITS
 from sharding.planner.topology import PRESETS
-from sharding.types import KERNELS, OPTIMIZERS, SHARDING_TYPES
+from sharding.types import KERNELS, OPTIMIZERS, SHARDING_TYPES, TABLE_INITS
 
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
@@ -244,7 +243,7 @@ class TableSpec:
     pooling: str
     zipf_exponent: float
     hotness: int
-    init: str = "uniform"  # sharding.init.INITS
+    init: str = "uniform"  # sharding.types.TABLE_INITS
     init_std: float = 0.0
 
 

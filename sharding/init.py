@@ -16,8 +16,10 @@ import math
 
 import torch
 
+from sharding.types import TABLE_INITS
+
 ROWS_PER_CHUNK = 4096
-INITS = ("uniform", "normal", "zeros")
+INITS = TABLE_INITS
 
 
 def _chunk_seed(seed: int, table_index: int, chunk: int) -> int:

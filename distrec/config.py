@@ -19,7 +19,7 @@ from typing import Any
 
 # The sparse operation kit's vocabularies: configs are checked against the names the kit defines.
 from sharding.planner.topology import PRESETS
-from sharding.types import KERNELS, OPTIMIZERS, SHARDING_TYPES
+from sharding.types import KERNELS, OPTIMIZERS, SHARDING_TYPES, TABLE_INITS
 
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
@@ -63,15 +63,36 @@ class TablesConfig:
     zipf_exponents: list[float] = field(default_factory=list)
     hotness: int = 1  # ids per sample per feature for `data synth` (1: one-hot)
     hotnesses: list[int] = field(default_factory=list)
+    # Initial rows (sharding.init, the same whatever the plan): uniform (DLRM's +-sqrt(1 / rows)) |
+    # normal (mean 0, std init_std) | zeros; per table with inits / init_stds
+    init: str = "uniform"
+    inits: list[str] = field(default_factory=list)
+    init_std: float = 0.01
+    init_stds: list[float] = field(default_factory=list)
 
 
 @dataclass
 class ModelConfig:
     bottom_mlp: list[int] = field(default_factory=lambda: [64, 16])  # last size = embedding dim (dot)
     top_mlp: list[int] = field(default_factory=lambda: [64, 32])  # a final 1-unit layer is added
-    interaction: str = "dot"  # dot | dcn
+    # dot: pairwise dot products | cat: the dense vector and every pooled embedding side by side |
+    # dcn: DCN-v2 cross layers over that concatenation ("dcn" with dcn_layers = 0 is "cat")
+    interaction: str = "dot"
     dcn_layers: int = 2
     dcn_low_rank: int = 0  # 0: full-rank DCN-v2 cross layers
+    # Each hidden layer of the MLPs is Linear -> norm -> ReLU -> dropout; the top MLP's final 1-unit
+    # layer has neither. dropout: one rate for every hidden layer, or a list of rates, one per hidden
+    # layer, the bottom MLP's first (len(bottom_mlp), none without dense features), then the top MLP's
+    # (len(top_mlp)). Off in eval().
+    dropout: float | list[float] = 0.0
+    # none | batch (BatchNorm1d; statistics of each rank's local batch) | layer (LayerNorm)
+    norm: str = "none"
+    # DeepFM's factorization machine added to the logit, over the pooled embedding vectors v_f:
+    # w . concat(v_f) + 0.5 * sum_d((sum_f v_f)^2 - sum_f v_f^2); needs one embedding dim
+    fm: bool = False
+    # Every Linear weight of the dense part (MLPs, cross layers, the FM's first-order weights): default
+    # (torch's, unchanged) | xavier_uniform | xavier_normal (the xavier ones zero the biases)
+    init: str = "default"
 
 
 @dataclass
@@ -236,13 +257,18 @@ class TableSpec:
     pooling: str
     zipf_exponent: float
     hotness: int
+    init: str = "uniform"  # sharding.types.TABLE_INITS
+    init_std: float = 0.0
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "source"]
 CHOICES = {
     ("schema", "preset"): ("criteo", "none"),
     ("tables", "pooling"): ("sum", "mean"),
-    ("model", "interaction"): ("dot", "dcn"),
+    ("model", "interaction"): ("dot", "cat", "dcn"),
+    ("model", "norm"): ("none", "batch", "layer"),
+    ("model", "init"): ("default", "xavier_uniform", "xavier_normal"),
+    ("tables", "init"): TABLE_INITS,
     ("optimizer", "dense"): DENSE_OPTIMIZERS,
     ("optimizer", "sparse"): OPTIMIZERS,
     ("train", "device"): ("auto", "cpu", "cuda"),
@@ -267,7 +293,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        for alternative in inner[:-1]:  # the first type the value fits (float | list[float]: 0.1, [0.1])
+            try:
+                return _coerce(value, alternative, where)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], where)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table {{name = value}}, got {value!r}")
@@ -410,8 +441,10 @@ def table_specs(cfg: Config, cardinalities: dict[str, int] | None = None) -> lis
     dims = _per_table(cfg, "dims", t.dim, t.dims)
     zipf = _per_table(cfg, "zipf_exponents", t.zipf_exponent, t.zipf_exponents)
     hot = _per_table(cfg, "hotnesses", t.hotness, t.hotnesses)
-    return [TableSpec(n, r, d, t.pooling, z, h)
-            for n, r, d, z, h in zip(cfg.schema.categorical, rows, dims, zipf, hot)]
+    inits = _per_table(cfg, "inits", t.init, t.inits)
+    stds = _per_table(cfg, "init_stds", t.init_std, t.init_stds)
+    return [TableSpec(n, r, d, t.pooling, z, h, i, sd)
+            for n, r, d, z, h, i, sd in zip(cfg.schema.categorical, rows, dims, zipf, hot, inits, stds)]
 
 
 def validate(cfg: Config) -> None:
@@ -427,7 +460,9 @@ def validate(cfg: Config) -> None:
         if spec.num_rows < 1 or spec.dim < 1 or spec.hotness < 1:
             raise ConfigError(f"{src}: table {spec.name}: rows, dim and hotness must be >= 1, got "
                               f"{spec.num_rows}, {spec.dim}, {spec.hotness}")
+    _validate_inits(cfg, specs)
     m = cfg.model
+    _validate_model(cfg, specs)
     if m.interaction == "dot":
         dims = {spec.dim for spec in specs}
         if len(dims) > 1:
@@ -456,6 +491,37 @@ def _validate_best(cfg: Config) -> None:
     if stop.metric and cfg.checkpoint.keep_best and stop.metric != cfg.checkpoint.keep_best:
         raise ConfigError(f"{src}: train.early_stop.metric = {stop.metric!r} and checkpoint.keep_best = "
                           f"{cfg.checkpoint.keep_best!r}: one best model, one metric; make them the same")
+
+
+def _validate_inits(cfg: Config, specs: list[TableSpec]) -> None:
+    bad = [i for i in cfg.tables.inits if i not in TABLE_INITS]
+    if bad:
+        raise ConfigError(f"{cfg.source}: tables.inits has {bad[0]!r}, which is not one of {', '.join(TABLE_INITS)}")
+    for spec in specs:
+        if spec.init == "normal" and not spec.init_std > 0:
+            raise ConfigError(f"{cfg.source}: table {spec.name}: tables.init_std (or init_stds) must be > 0 "
+                              f"for init = 'normal', got {spec.init_std}")
+
+
+def dropout_rates(cfg: Config) -> list[float]:
+    """One rate per hidden layer, the bottom MLP's (none without dense features) then the top's."""
+    m = cfg.model
+    n = (len(m.bottom_mlp) if cfg.schema.dense else 0) + len(m.top_mlp)
+    return list(m.dropout) if isinstance(m.dropout, list) else [m.dropout] * n
+
+
+def _validate_model(cfg: Config, specs: list[TableSpec]) -> None:
+    src, m = cfg.source, cfg.model
+    n = (len(m.bottom_mlp) if cfg.schema.dense else 0) + len(m.top_mlp)
+    rates = dropout_rates(cfg)
+    if len(rates) != n:
+        raise ConfigError(f"{src}: model.dropout has {len(rates)} rates but the MLPs have {n} hidden layers "
+                          f"(bottom_mlp then top_mlp{'' if cfg.schema.dense else '; no bottom MLP without dense features'})")
+    if any(not 0.0 <= r < 1.0 for r in rates):
+        raise ConfigError(f"{src}: model.dropout rates must be in [0, 1), got {m.dropout}")
+    if m.fm and len({spec.dim for spec in specs}) > 1:
+        raise ConfigError(f"{src}: model.fm needs one embedding dim for all tables, "
+                          f"got {sorted({spec.dim for spec in specs})}")
 
 
 def _validate_planner(cfg: Config, tables: list[str]) -> None:

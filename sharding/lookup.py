@@ -59,7 +59,8 @@ def table_major(lengths: torch.Tensor, values: torch.Tensor, weights: torch.Tens
 
 def _init_shard(seed: int, p: Placed, tables: list[TableConfig]) -> torch.Tensor:
     t, s = tables[p.table], p.shard
-    return init_rows(seed, p.table, t.num_rows, t.dim, (s.row_start, s.row_end), (s.col_start, s.col_end))
+    return init_rows(seed, p.table, t.num_rows, t.dim, (s.row_start, s.row_end), (s.col_start, s.col_end),
+                     t.init, t.init_std)
 
 
 class TorchLookup(nn.Module):

@@ -35,12 +35,17 @@ class PlanError(ValueError):
     """A plan that does not fit the tables or the ranks; the message names the table."""
 
 
+TABLE_INITS = ("uniform", "normal", "zeros")  # sharding.init.init_rows: a table's initial values
+
+
 @dataclass(frozen=True)
 class TableConfig:
     name: str  # also the feature (key) that is looked up in it
     num_rows: int
     dim: int
     pooling: str = "sum"  # sum | mean
+    init: str = "uniform"  # TABLE_INITS: uniform (+-sqrt(1 / num_rows)) | normal | zeros
+    init_std: float = 0.0  # the standard deviation of init = "normal"
 
 
 @dataclass(frozen=True)

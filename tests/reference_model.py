@@ -5,7 +5,10 @@
     torch.testing.assert_close(ref(dense, jagged), model(dense, jagged))
 
 ``LocalEmbeddings`` keeps every table in this process (fused per dim); ``ReferenceDLRM`` uses one
-``nn.EmbeddingBag`` per table, a Python loop over tables and over feature pairs: slow and obviously right.
+``nn.EmbeddingBag`` per table, a Python loop over tables and over feature pairs, the MLPs' layers
+written out (x W^T + b, batch and layer norm by their formulas, ReLU, dropout) and the FM term as its
+sum over pairs: slow and obviously right. Its batch norm normalises with the batch's statistics in
+train mode and the running ones in eval mode, but never updates them (it checks one forward).
 """
 from __future__ import annotations
 
@@ -17,15 +20,45 @@ import torch.nn.functional as F
 from torch import nn
 
 from distrec.config import TableSpec
-from distrec.model.dlrm import DLRM, DotInteraction
+from distrec.model.dlrm import DLRM, CatInteraction, DotInteraction
 from distrec.model.embedding import check_ids
 from sharding.jagged import JaggedBatch
 
 
-def init_table_(weight: torch.Tensor, num_rows: int) -> None:
-    """DLRM's initialisation: uniform in +-sqrt(1 / rows)."""
-    bound = math.sqrt(1.0 / num_rows)
-    nn.init.uniform_(weight, -bound, bound)
+def init_table_(weight: torch.Tensor, num_rows: int, init: str = "uniform", std: float = 0.0) -> None:
+    """DLRM's initialisation, uniform in +-sqrt(1 / rows) (tables.init's default), or normal, or zeros."""
+    if init == "zeros":
+        nn.init.zeros_(weight)
+    elif init == "normal":
+        nn.init.normal_(weight, 0.0, std)
+    else:
+        bound = math.sqrt(1.0 / num_rows)
+        nn.init.uniform_(weight, -bound, bound)
+
+
+def _normalise(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    return (x - mean) / torch.sqrt(var + m.eps) * m.weight + m.bias
+
+
+def reference_mlp(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``layers`` (distrec.model.dlrm.mlp) applied one formula at a time."""
+    for m in layers:
+        if isinstance(m, nn.Linear):
+            x = x @ m.weight.T + m.bias
+        elif isinstance(m, nn.BatchNorm1d):
+            batch = m.training
+            x = _normalise(x, x.mean(0) if batch else m.running_mean,
+                           x.var(0, unbiased=False) if batch else m.running_var, m)
+        elif isinstance(m, nn.LayerNorm):
+            x = _normalise(x, x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True), m)
+        elif isinstance(m, nn.ReLU):
+            x = x.clamp_min(0)
+        elif isinstance(m, nn.Dropout):
+            # The same draw as nn.Dropout makes (one bernoulli mask over x), so a seeded run matches.
+            x = F.dropout(x, m.p, m.training)
+        else:
+            raise TypeError(f"reference_mlp: no formula for {type(m).__name__}")
+    return x
 
 
 class LocalEmbeddings(nn.Module):
@@ -49,7 +82,7 @@ class LocalEmbeddings(nn.Module):
             weight = torch.empty(sum(s.num_rows for s in members), dim, device=device)
             start = 0
             for s in members:
-                init_table_(weight[start:start + s.num_rows], s.num_rows)
+                init_table_(weight[start:start + s.num_rows], s.num_rows, s.init, s.init_std)
                 start += s.num_rows
             self.weights.append(nn.Parameter(weight))
         self.mode = "mean" if specs and specs[0].pooling == "mean" else "sum"
@@ -96,7 +129,10 @@ class ReferenceDLRM(nn.Module):
             self.tables.append(bag)
         self.bottom = copy.deepcopy(model.bottom)
         self.top = copy.deepcopy(model.top)
-        self.cross = None if isinstance(model.interaction, DotInteraction) else copy.deepcopy(model.interaction)
+        self.kind = "dot" if isinstance(model.interaction, DotInteraction) else \
+            "cat" if isinstance(model.interaction, CatInteraction) else "dcn"
+        self.cross = copy.deepcopy(model.interaction) if self.kind == "dcn" else None
+        self.fm = copy.deepcopy(model.fm.linear) if model.fm is not None else None
 
     @staticmethod
     def from_model(model: DLRM) -> "ReferenceDLRM":
@@ -113,14 +149,23 @@ class ReferenceDLRM(nn.Module):
             out.append(bag(ids, offsets))
         return out
 
+    def fm_term(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """w . concat(v_f) + sum over pairs f > g of <v_f, v_g>."""
+        pairs = [(feats[i] * feats[j]).sum(1) for i in range(len(feats)) for j in range(i)]
+        return torch.cat(feats, 1) @ self.fm.weight[0] + sum(pairs)
+
     def forward(self, dense: torch.Tensor, sparse: JaggedBatch) -> torch.Tensor:
         feats = self.pooled(sparse)
-        x = self.bottom(dense) if self.bottom is not None else None
-        if self.cross is not None:
-            return self.top(self.cross(x, torch.cat(feats, 1), feats[0].shape[1])).squeeze(1)
-        vectors = ([x] if x is not None else []) + feats
-        dots = [(vectors[i] * vectors[j]).sum(1) for i in range(len(vectors)) for j in range(i)]
-        top_in = torch.stack(dots, 1)
-        if x is not None:
-            top_in = torch.cat([x, top_in], 1)
-        return self.top(top_in).squeeze(1)
+        x = reference_mlp(self.bottom, dense) if self.bottom is not None else None
+        if self.kind == "dcn":
+            top_in = self.cross(x, torch.cat(feats, 1), feats[0].shape[1])
+        elif self.kind == "cat":
+            top_in = torch.cat(([x] if x is not None else []) + feats, 1)
+        else:
+            vectors = ([x] if x is not None else []) + feats
+            dots = [(vectors[i] * vectors[j]).sum(1) for i in range(len(vectors)) for j in range(i)]
+            top_in = torch.stack(dots, 1)
+            if x is not None:
+                top_in = torch.cat([x, top_in], 1)
+        logit = reference_mlp(self.top, top_in).squeeze(1)
+        return logit if self.fm is None else logit + self.fm_term(feats)

@@ -71,7 +71,7 @@ def train_step_table_wise(batch: int, config: str | None, overrides: tuple[str, 
     cfg = load_config(config, list(overrides))
     specs = table_specs(cfg)
     ctx = DistContext(dist.get_rank(), dist.get_world_size(), dist.get_rank(), torch.device("cpu"), "gloo")
-    tables = [TableConfig(s.name, min(s.num_rows, LOOKUP_ROWS), s.dim, s.pooling) for s in specs]
+    tables = [TableConfig(s.name, min(s.num_rows, LOOKUP_ROWS), s.dim, s.pooling, s.init, s.init_std) for s in specs]
     emb = ShardedEmbeddingCollection(tables, simple_plan(tables, ctx.world_size, "table_wise"), rank=ctx.rank,
                                      optim=sparse_spec(cfg.optimizer), kernel=cfg.plan.kernel)
     model = DLRM.from_config(cfg, emb)

@@ -16,6 +16,7 @@ from distrec.data.manifest import check_schema
 from distrec.model.dlrm import DLRM
 from distrec.trainer.dist import DistContext
 from distrec.trainer.optim import make_optimizers, sparse_spec
+from distrec.trainer.plan_inputs import tables_of
 from sharding.plan import load_plan
 from sharding.planner import simple_plan
 from sharding.runtime import ShardedEmbeddingCollection
@@ -59,7 +60,7 @@ def build_model(cfg: Config, ctx: DistContext, manifest: dict, timer=None) -> Bu
     check_schema(manifest, cfg.schema.label, cfg.schema.dense, cfg.schema.categorical, cfg.source)
     specs = table_specs(cfg, manifest.get("cardinalities"))
     check_cardinalities(cfg, manifest, specs)
-    tables = [TableConfig(s.name, s.num_rows, s.dim, s.pooling) for s in specs]
+    tables = tables_of(specs)
     plan = load_plan(cfg.plan.file, tables, ctx.world_size) if cfg.plan.file else \
         simple_plan(tables, ctx.world_size, cfg.plan.default, cfg.plan.overrides(), ranks_per_node(cfg, ctx))
     torch.manual_seed(cfg.train.seed)

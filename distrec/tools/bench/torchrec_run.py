@@ -154,7 +154,7 @@ def run(cfg, strategy: str, result_path: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo")
     manifest = read_manifest(cfg.data.path)
-    tables = [TableConfig(s.name, s.num_rows, s.dim, s.pooling) for s in table_specs(cfg, manifest.get("cardinalities"))]
+    tables = [TableConfig(s.name, s.num_rows, s.dim, s.pooling, s.init, s.init_std) for s in table_specs(cfg, manifest.get("cardinalities"))]
     plan = load_plan(strategy, tables, world) if strategy.endswith(".json") else simple_plan(tables, world, strategy)
     dmp = build(cfg, tables, plan, world)
     opt = Optimizers(cfg, dmp)

@@ -45,9 +45,16 @@ class ParamServer:
 
     def _init_rows(self, spec: TableSpec, gen: torch.Generator) -> torch.Tensor:
         weight = torch.empty(self.partition.local_rows(spec.num_rows, self.index), spec.dim)
-        # Same distribution as the sync tables (uniform +-sqrt(1/rows) of the whole table).
+        if not weight.numel():
+            return weight
+        # Same distribution as the sync tables (tables.init: uniform +-sqrt(1/rows) of the whole table,
+        # normal, zeros), not the same values: a PS server holds rows by its own partition.
+        if spec.init == "zeros":
+            return weight.zero_()
+        if spec.init == "normal":
+            return weight.normal_(0.0, spec.init_std, generator=gen)
         bound = (1.0 / spec.num_rows) ** 0.5
-        return weight.uniform_(-bound, bound, generator=gen) if weight.numel() else weight
+        return weight.uniform_(-bound, bound, generator=gen)
 
     def pull(self, local_ids: list[torch.Tensor], with_dense: bool) -> tuple[list, int, dict | None]:
         """(rows of each table at ``local_ids``, this server's version, dense parameters if asked)."""

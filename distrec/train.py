@@ -24,6 +24,7 @@ from distrec.trainer.loop import report_breakdown, train_loop
 from distrec.trainer.optim import make_optimizers, sparse_spec
 from distrec.trainer.phases import PhaseTimer
 from distrec.trainer.plan_check import report_plan_check
+from distrec.trainer.schedule import Schedule, lr_notes
 from distrec.trainer.state import Position, restore
 from sharding.plan import describe_plan, load_plan
 from sharding.planner import simple_plan
@@ -52,7 +53,7 @@ def ranks_per_node(cfg: Config, ctx: DistContext) -> int | None:
     return None
 
 
-def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note) -> Position:
+def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note, schedule=None) -> Position:
     """Where to start: step 0, or the newest checkpoint that verifies when ``checkpoint.resume`` is set
     (each one passed over, and finding none, is told to ``note``)."""
     if not (cfg.checkpoint.resume and cfg.checkpoint.dir):
@@ -61,7 +62,10 @@ def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note) -
     if ckpt is None:
         note(f"checkpoint.resume is set but {cfg.checkpoint.dir} holds no usable checkpoint: starting at step 0")
         return Position()
-    return restore(ckpt, model, embeddings, optimizers, ctx)
+    pos = restore(ckpt, model, embeddings, optimizers, ctx, schedule)
+    for line in lr_notes(ckpt.common.get("config", {}), cfg.optimizer):
+        note(line)
+    return pos
 
 
 def run(cfg: Config, ctx: DistContext) -> dict:
@@ -92,7 +96,8 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
     notes: list[str] = []  # said once the log exists
-    pos = resume(cfg, ctx, model, embeddings, optimizers, notes.append)
+    schedule = Schedule(cfg.optimizer)
+    pos = resume(cfg, ctx, model, embeddings, optimizers, notes.append, schedule)
     total = train_loader.num_batches() * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
@@ -109,7 +114,8 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
                                  "metrics.jsonl shows how much of it was not hidden)" if cfg.train.pipeline else "off"))
         if pos.step:
             log.info(f"resumed from {cfg.checkpoint.dir} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
-    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer)
+    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer,
+                        schedule=schedule)
     report_plan_check(cfg, ctx, plan, specs, model.embeddings, result, log)
     if timer is not None:
         report_breakdown(cfg, ctx, timer, log)

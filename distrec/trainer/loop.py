@@ -1,6 +1,7 @@
 """The training loop: epochs of steps, with logging, periodic evaluation and checkpoints.
 
-    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer)
+    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer,
+                        schedule=Schedule(cfg.optimizer))
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from distrec.trainer.evaluate import evaluate
 from distrec.trainer.logs import MetricsLog
 from distrec.trainer.phases import PhaseTimer, TimedOptimizer
 from distrec.trainer.pipeline import pipelined
+from distrec.trainer.schedule import Schedule
 from distrec.trainer.state import Position, training_state
 from distrec.trainer.step import train_step
 from distrec.trainer.window import Window
@@ -23,8 +25,10 @@ def samples_seen(pos: Position, loader: ParquetLoader) -> int:
     return pos.epoch * loader.num_rows + min(pos.batch * loader.global_batch_size, loader.num_rows)
 
 
-def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer=None) -> dict:
+def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer=None,
+               schedule=None) -> dict:
     window, G, since_log = Window(), train_loader.global_batch_size, 0
+    schedule = schedule or Schedule(cfg.optimizer)
     step_opts = [TimedOptimizer(o, timer) for o in optimizers] if timer is not None else optimizers
     while pos.step < total:
         batches = (b.to(ctx.device) for b in train_loader.epoch(pos.epoch, pos.batch))
@@ -32,6 +36,7 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
             batches = pipelined(batches, model.embeddings)
         for batch in (timer.timed_iter(batches) if timer is not None else batches):
             global_size = min(G, train_loader.num_rows - pos.batch * G)
+            set_lr(schedule, pos.step, optimizers, log)
             started = time.perf_counter()
             window.loss_sum += train_step(ddp, model.embeddings, step_opts, batch, global_size)
             if timer is not None:
@@ -47,10 +52,12 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
                 since_log = 0
             with window.paused():
                 if cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0 and not last:
-                    log.evaluation(pos.step, **evaluate(model, eval_loader, ctx))
+                    metrics = evaluate(model, eval_loader, ctx)
+                    log.evaluation(pos.step, **metrics)
+                    schedule.evaluated(metrics)
                 if cfg.checkpoint.dir and cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0 \
                         and not last:
-                    checkpoint(cfg, ctx, model, optimizers, pos)
+                    checkpoint(cfg, ctx, model, optimizers, pos, schedule)
             if last:
                 break
         if pos.batch >= train_loader.num_batches():
@@ -58,13 +65,20 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
     result = evaluate(model, eval_loader, ctx)
     log.evaluation(pos.step, **result)
     if cfg.checkpoint.dir:
-        checkpoint(cfg, ctx, model, optimizers, pos)
+        checkpoint(cfg, ctx, model, optimizers, pos, schedule)
     return {**result, "step": pos.step,
             "samples_per_s": window.trained / window.train_time if window.train_time else 0.0}
 
 
-def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position) -> None:
-    common, own = training_state(model, model.embeddings, optimizers, pos, ctx, to_dict(cfg))
+def set_lr(schedule: Schedule, step: int, optimizers, log: MetricsLog) -> None:
+    """This step's learning rates; each change is a {"kind": "lr"} record (every step while warming up)."""
+    changed = schedule.apply(step, optimizers)
+    if changed is not None:
+        log.record({"kind": "lr", "step": step, "dense_lr": changed[0], "sparse_lr": changed[1]})
+
+
+def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position, schedule=None) -> None:
+    common, own = training_state(model, model.embeddings, optimizers, pos, ctx, to_dict(cfg), schedule)
     save_sharded(cfg.checkpoint.dir, pos.step, common, own, ctx, keep=cfg.checkpoint.keep)
 
 

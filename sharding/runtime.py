@@ -305,6 +305,8 @@ class ShardedEmbeddingCollection(nn.Module):
 
     def set_lr(self, lr: float) -> None:
         """The sparse learning rate from the next step on, for shards and replicas (a schedule's)."""
+        if self.optim is None:
+            raise ValueError("set_lr on an embedding collection built without optim (forward only)")
         self.local.set_lr(lr)
         self.replicas.set_lr(lr)
         self.optim = dataclasses.replace(self.optim, lr=lr)

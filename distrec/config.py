@@ -142,6 +142,22 @@ class OptimizerConfig:
     sparse: str = "adagrad"  # sgd | adagrad | rowwise_adagrad | adam (lazy): fused, on the rows' owner
     sparse_lr: float = 0.05
     eps: float = 1e-8
+    # Regularization (README "Regularization"): weight decay of the dense MLPs, decoupled for adam (torch
+    # AdamW), L2 added to the gradient for sgd and adagrad; 0 keeps plain Adam
+    dense_weight_decay: float = 0.0
+    # L2 on the embedding rows a batch touches: g_row += sparse_l2 * w_row once per step for every row with
+    # at least one id in the global batch, before the sparse optimizer's rule (sharding.optim)
+    sparse_l2: float = 0.0
+    # Learning-rate schedule of dense_lr and sparse_lr (README "Schedules", distrec.trainer.schedule):
+    # constant | warmup | step | exponential | plateau | mlperf
+    schedule: str = "constant"
+    schedule_sparse: bool = True  # false: sparse_lr stays constant, only dense_lr follows the schedule
+    warmup_steps: int = 0  # warmup, mlperf: lr rises linearly over this many steps
+    decay_steps: int = 0  # step: decay every this many steps; exponential: rate's unit; mlperf: decay length
+    decay_rate: float = 0.1  # step, exponential, plateau: the multiplier
+    decay_start_step: int = 0  # mlperf: where the polynomial decay begins
+    plateau_metric: str = "auc"  # plateau: auc (higher is better) | logloss (lower is better)
+    plateau_patience: int = 2  # plateau: evaluations without improvement before the lr is reduced
 
 
 @dataclass
@@ -271,6 +287,8 @@ CHOICES = {
     ("tables", "init"): TABLE_INITS,
     ("optimizer", "dense"): DENSE_OPTIMIZERS,
     ("optimizer", "sparse"): OPTIMIZERS,
+    ("optimizer", "schedule"): ("constant", "warmup", "step", "exponential", "plateau", "mlperf"),
+    ("optimizer", "plateau_metric"): ("auc", "logloss"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "early_stop.metric"): ("", "auc", "logloss"),
     ("checkpoint", "keep_best"): ("", "auc", "logloss"),
@@ -477,6 +495,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{src}: ps.workers and ps.servers must be >= 1 and ps.timeout_s > 0")
     _validate_planner(cfg, [spec.name for spec in specs])
     _validate_best(cfg)
+    _validate_optimizer(cfg)
 
 
 def _validate_best(cfg: Config) -> None:
@@ -522,6 +541,25 @@ def _validate_model(cfg: Config, specs: list[TableSpec]) -> None:
     if m.fm and len({spec.dim for spec in specs}) > 1:
         raise ConfigError(f"{src}: model.fm needs one embedding dim for all tables, "
                           f"got {sorted({spec.dim for spec in specs})}")
+
+
+def _validate_optimizer(cfg: Config) -> None:
+    """One line per problem: what the chosen schedule needs, and penalties that are not >= 0."""
+    src, o = cfg.source, cfg.optimizer
+    if o.dense_weight_decay < 0 or o.sparse_l2 < 0:
+        raise ConfigError(f"{src}: optimizer.dense_weight_decay and optimizer.sparse_l2 must be >= 0")
+    if o.schedule in ("warmup", "mlperf") and o.warmup_steps < 1:
+        raise ConfigError(f"{src}: optimizer.schedule = {o.schedule!r} needs optimizer.warmup_steps >= 1")
+    if o.schedule in ("step", "exponential", "mlperf") and o.decay_steps < 1:
+        raise ConfigError(f"{src}: optimizer.schedule = {o.schedule!r} needs optimizer.decay_steps >= 1")
+    if o.schedule in ("step", "exponential", "plateau") and not 0 < o.decay_rate <= 1:
+        raise ConfigError(f"{src}: optimizer.decay_rate must be in (0, 1], got {o.decay_rate}")
+    if o.schedule == "mlperf" and o.decay_start_step < o.warmup_steps:
+        raise ConfigError(f"{src}: optimizer.decay_start_step ({o.decay_start_step}) must be >= "
+                          f"optimizer.warmup_steps ({o.warmup_steps}) for the mlperf schedule")
+    if o.schedule == "plateau" and (o.plateau_patience < 1 or not cfg.eval.every_steps):
+        raise ConfigError(f"{src}: optimizer.schedule = 'plateau' needs optimizer.plateau_patience >= 1 "
+                          "and eval.every_steps > 0 (it reduces at periodic evaluations)")
 
 
 def _validate_planner(cfg: Config, tables: list[str]) -> None:

@@ -22,13 +22,14 @@ from distrec.trainer.logs import MetricsLog, write_resolved_config
 from distrec.trainer.loop import report_breakdown, train_loop
 from distrec.trainer.phases import PhaseTimer
 from distrec.trainer.plan_check import report_plan_check
+from distrec.trainer.schedule import Schedule, lr_notes
 from distrec.trainer.state import Position, restore
 from sharding.plan import describe_plan
 from sharding.runtime import InputError
 from sharding.types import PlanError
 
 
-def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note) -> Position:
+def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note, schedule=None) -> Position:
     """Where to start: step 0, or the newest checkpoint that verifies when ``checkpoint.resume`` is set
     (each one passed over, and finding none, is told to ``note``)."""
     if not (cfg.checkpoint.resume and cfg.checkpoint.dir):
@@ -37,7 +38,10 @@ def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note) -
     if ckpt is None:
         note(f"checkpoint.resume is set but {cfg.checkpoint.dir} holds no usable checkpoint: starting at step 0")
         return Position()
-    return restore(ckpt, model, embeddings, optimizers, ctx)
+    pos = restore(ckpt, model, embeddings, optimizers, ctx, schedule)
+    for line in lr_notes(ckpt.common.get("config", {}), cfg.optimizer):
+        note(line)
+    return pos
 
 
 def run(cfg: Config, ctx: DistContext) -> dict:
@@ -60,7 +64,8 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
     test_loader = make_loader(cfg, manifest, cfg.data.test_split, ctx, train=False) if cfg.data.test_split else None
     notes: list[str] = []  # said once the log exists
-    pos = resume(cfg, ctx, model, embeddings, optimizers, notes.append)
+    schedule = Schedule(cfg.optimizer)
+    pos = resume(cfg, ctx, model, embeddings, optimizers, notes.append, schedule)
     best = BestModel.start(cfg, ctx, pos.step, notes.append)
     total = train_loader.num_batches() * cfg.train.epochs
     if cfg.train.max_steps:
@@ -78,7 +83,8 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
                                  "metrics.jsonl shows how much of it was not hidden)" if cfg.train.pipeline else "off"))
         if pos.step:
             log.info(f"resumed from {cfg.checkpoint.dir} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
-    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer, best)
+    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer, best,
+                        schedule)
     if best is not None:  # the final evaluation is of the best model, and the test split sees that one
         result = best.final(model, optimizers, eval_loader, ctx, log, result)
     if test_loader is not None:

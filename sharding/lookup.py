@@ -82,7 +82,8 @@ class TorchLookup(nn.Module):
             self.weights.append(nn.Parameter(torch.cat(blocks)))
         self.optimizer = None
         if optim is not None and len(self.weights):
-            self.optimizer = SparseOptimizer(list(self.weights), optim.kind, optim.lr, optim.eps, optim.betas)
+            self.optimizer = SparseOptimizer(list(self.weights), optim.kind, optim.lr, optim.eps, optim.betas,
+                                             l2=optim.l2)
             self.optimizer.init_state()  # eagerly, so checkpoints can take views of it before step 1
 
     def pool(self, lengths: torch.Tensor, values: torch.Tensor, weights: torch.Tensor | None,
@@ -118,6 +119,12 @@ class TorchLookup(nn.Module):
         state = self.optimizer.state[w] if self.optimizer is not None else {}
         return w.data[start:start + rows], {k: v if v.dim() == 0 else v[start:start + rows] for k, v in state.items()}
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of later steps (a schedule's); the state is kept."""
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
     def step(self) -> None:
         if self.optimizer is not None:
             self.optimizer.step()
@@ -152,6 +159,9 @@ class BatchedLookup(nn.Module):
 
     def views(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.tbe.table_weights()[i], self.tbe.table_states()[i]
+
+    def set_lr(self, lr: float) -> None:
+        self.tbe.set_lr(lr)
 
     def step(self) -> None:  # the rows were updated in backward
         pass

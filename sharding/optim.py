@@ -10,8 +10,9 @@ next to the shard (same rows, same device), so a checkpoint can slice them by ro
                           mode="sum", sparse=True)
     out.sum().backward()
     opt.step()          # rows 3 and 7 change; state["row_sum"] has shape [50]
+    SparseOptimizer([weight], kind="sgd", lr=0.1, l2=1e-4)   # + L2 on the rows each step touches
 
-Kinds and their update of a touched row r with summed gradient g (no weight decay):
+Kinds and their update of a touched row r with summed gradient g:
 
 - ``sgd``:             w[r] -= lr * g
 - ``adagrad``:         s[r] += g**2;  w[r] -= lr * g / (sqrt(s[r]) + eps)
@@ -21,6 +22,16 @@ Kinds and their update of a touched row r with summed gradient g (no weight deca
                        (fbgemm's EXACT_ROWWISE_ADAGRAD; one accumulator per row)
 - ``adam``:            lazy Adam, ``torch.optim.SparseAdam``: m, v and w of untouched rows
                        stay as they are; the bias correction uses a per-param step count.
+
+L2 on touched rows (``l2``, the config's ``optimizer.sparse_l2``), per touched row per step: before the
+rule above, ``g[r] += l2 * w[r]`` once per step for every row r with at least one id in the global
+batch (the gradient's rows), however many times it occurs, and never for untouched rows. That is the
+L2 of TF's and DeepRec's sparse optimizers (a penalty ``l2 / 2 * |w[r]|^2`` per touched row); a
+per-occurrence penalty (the loss summed ``l2 / 2 * |w|^2`` over every looked-up id) would instead add
+``count * l2 * w[r]``, so hot rows would be pulled to 0 harder than rare ones. The shard that owns a
+row adds it once whatever the number of ranks, and a replicated table adds it after its gradients are
+summed over ranks (``ShardedEmbeddingCollection.sync_replica_grads``), so sharded runs equal one process.
+For ``adam`` it is coupled L2 (it enters the moments), not AdamW's decoupled decay.
 
 Gradients: a sparse COO ``.grad`` (as ``F.embedding_bag(..., sparse=True)`` produces,
 duplicates allowed) is coalesced first, so each row gets exactly one update per step.
@@ -43,22 +54,26 @@ KINDS = OPTIMIZERS  # the names are the kit's vocabulary (sharding.types)
 
 @dataclass(frozen=True)
 class OptimSpec:
-    """A sparse optimizer as the fused kernels take it: ``OptimSpec("rowwise_adagrad", lr=0.05)``."""
+    """A sparse optimizer as the fused kernels take it: ``OptimSpec("rowwise_adagrad", lr=0.05, l2=1e-4)``;
+    ``l2`` is the penalty on touched rows described in this module's docstring."""
 
     kind: str
     lr: float
     eps: float = 1e-8
     betas: tuple[float, float] = (0.9, 0.999)
+    l2: float = 0.0
 
     def __post_init__(self):
         check_optimizer(self.kind)
+        if self.l2 < 0.0:
+            raise ValueError(f"invalid l2 {self.l2}: must be >= 0")
 
 
 class SparseOptimizer(torch.optim.Optimizer):
     """Row-sparse SGD / Adagrad / row-wise Adagrad / lazy Adam over [rows, width] weights."""
 
     def __init__(self, params, kind: str, lr: float, eps: float = 1e-8,
-                 betas: tuple[float, float] = (0.9, 0.999)):
+                 betas: tuple[float, float] = (0.9, 0.999), l2: float = 0.0):
         check_optimizer(kind)
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {lr}")
@@ -66,8 +81,10 @@ class SparseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"invalid eps {eps}")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"invalid betas {betas}")
+        if l2 < 0.0:
+            raise ValueError(f"invalid l2 {l2}")
         # kind lives in the param group so a saved state_dict says what its state means.
-        super().__init__(params, dict(kind=kind, lr=lr, eps=eps, betas=tuple(betas)))
+        super().__init__(params, dict(kind=kind, lr=lr, eps=eps, betas=tuple(betas), l2=l2))
 
     def init_state(self) -> None:
         """Make every param's state now (zeros), not at its first step, so it can be viewed and loaded."""
@@ -102,6 +119,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         rows, g = _touched_rows(p.grad)
         if rows.numel() == 0:
             return
+        if group.get("l2", 0.0):  # skipped at 0, so runs without it are unchanged bit for bit
+            # A multiply then an add, as the Triton kernel rounds them (no fused multiply-add).
+            g = g + group["l2"] * p.index_select(0, rows)
         if kind == "sgd":
             p.index_add_(0, rows, g, alpha=-group["lr"])
         elif kind == "adagrad":

@@ -26,6 +26,7 @@ updates the touched rows inside backward, or the plain path leaves row-sparse gr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -302,6 +303,14 @@ class ShardedEmbeddingCollection(nn.Module):
             p.grad = torch.sparse_coo_tensor(rows[None], dense[rows, :-1], p.shape, check_invariants=False,
                                              is_coalesced=True)
 
+    def set_lr(self, lr: float) -> None:
+        """The sparse learning rate from the next step on, for shards and replicas (a schedule's)."""
+        if self.optim is None:
+            raise ValueError("set_lr on an embedding collection built without optim (forward only)")
+        self.local.set_lr(lr)
+        self.replicas.set_lr(lr)
+        self.optim = dataclasses.replace(self.optim, lr=lr)
+
     def step(self) -> None:
         """Apply the sparse optimizer where backward has not already (torch kernel, replicas)."""
         self.local.step()
@@ -331,6 +340,14 @@ class EmbeddingOptimizer:
 
     def __init__(self, emb: ShardedEmbeddingCollection):
         self.emb = emb
+
+    @property
+    def lr(self) -> float:
+        return self.emb.optim.lr
+
+    def set_lr(self, lr: float) -> None:
+        """Change the sparse learning rate of later steps: ``opt.set_lr(0.5 * opt.lr)``."""
+        self.emb.set_lr(lr)
 
     def step(self) -> None:
         self.emb.step()

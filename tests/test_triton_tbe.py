@@ -88,8 +88,8 @@ class Reference:
 
     def __init__(self, tables: list[torch.Tensor], optim: OptimSpec, pooling: str = "sum"):
         self.params = [nn.Parameter(w.detach().float().clone()) for w in tables]
-        self.opt = SparseOptimizer(self.params, optim.kind, optim.lr, optim.eps, optim.betas)
-        self.pooling = pooling
+        self.opt = SparseOptimizer(self.params, optim.kind, optim.lr, optim.eps, optim.betas, l2=optim.l2)
+        self.pooling, self.l2 = pooling, optim.l2
         # the magnitudes the tolerances scale with (see N_STEP): per element, |w| at the start, the sum of
         # |each update|, the sum over steps of its gradient's sum|terms|
         self.start = [p.detach().abs() for p in self.params]
@@ -152,6 +152,9 @@ class Reference:
         for moved, b, p in zip(self.moved, before, self.params):
             moved += (p.detach() - b).abs()
         self.magnitude_pass(indices, offsets, psw, upstream)
+        if self.l2:  # the L2 term l2 * w is one more term of each touched row's gradient (bounded by |w|'s)
+            for t, mag in enumerate(self.grad_mag):
+                mag += self.l2 * (self.start[t] + self.moved[t])
         self.steps += 1
         return out.detach()
 
@@ -221,6 +224,27 @@ def test_training_matches_reference(kind, weighted):
     tbe = TritonTBE(SHAPES, OptimSpec(kind, **OPTIM))
     ref = Reference(tbe.table_weights(), tbe.optim)
     train_three_steps_against(tbe, ref, seed=10, weighted=weighted)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_l2_on_touched_rows_and_a_changed_lr_match_reference(kind):
+    """optimizer.sparse_l2 in the kernel (both summing paths: short runs in place, long ones in pieces),
+    and set_lr between steps (a schedule's), against SparseOptimizer(l2=...) with its group lr changed."""
+    tbe = TritonTBE(SHAPES, OptimSpec(kind, l2=0.3, **OPTIM))
+    tbe.long_run_ids, tbe.piece_ids = 2, 3
+    ref = Reference(tbe.table_weights(), tbe.optim)
+    for step in range(3):
+        if step == 2:
+            tbe.set_lr(OPTIM["lr"] / 4)
+            ref.opt.param_groups[0]["lr"] = OPTIM["lr"] / 4
+        batch = make_batch(seed=80 + step, weighted=True)
+        tol = ref.forward_tol(*batch[:3])
+        assert_within(train_step(tbe, *batch), ref.train_step(*batch), tol, f"step {step} pooled")
+    assert_same_tables(tbe, ref)
+    assert_same_states(tbe, ref)
+    untouched = [w[-UNTOUCHED:] for w in tbe.table_weights()]
+    fresh = TritonTBE(SHAPES, OptimSpec(kind, **OPTIM)).table_weights()  # same seeded init
+    assert all(torch.equal(u, f[-UNTOUCHED:]) for u, f in zip(untouched, fresh))  # L2 only on touched rows
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -25,7 +25,7 @@ IDS = dict(weight_offsets="*i64", col_offsets="*i64", indices="*i64", offsets="*
            piece_ends="*i64")
 FLOATS = dict(per_sample_weights="*fp32", out="*fp32", grad="*fp32", partials="*fp32", state1="*fp32",
               state2="*fp32", row_state="*fp32", step_size="*fp32", lr="fp32", eps="fp32",
-              one_minus_beta1="fp32", one_minus_beta2="fp32")
+              one_minus_beta1="fp32", one_minus_beta2="fp32", l2="fp32")
 INTS = dict(num_bags="i32", batch_size="i32", out_row_stride="i32", num_runs="i32", long_run="i32",
             grad_row_stride="i32")
 
@@ -46,12 +46,13 @@ def main() -> None:
         (K.pool_bags, "*bf16", dict(every, BAGS=4, BLOCK_IDS=8, BLOCK_COLS=128)),
         (K.pool_bags, "*fp32", dict(HAS_WEIGHTS=False, MEAN=False, BAGS=32, BLOCK_IDS=1, BLOCK_COLS=128)),
         (K.sum_run_pieces, "*fp32", dict(every, BLOCK_IDS=32, BLOCK_COLS=128)),
-        (K.update_rows, "*fp32", dict(HAS_WEIGHTS=False, MEAN=False, OPTIM=K.OPTIM_CODES["sgd"], RUNS=32,
+        (K.update_rows, "*fp32", dict(HAS_WEIGHTS=False, MEAN=False, OPTIM=K.OPTIM_CODES["sgd"], L2=False,
+                                      RUNS=32, BLOCK_COLS=128)),
+        (K.update_rows, "*fp32", dict(HAS_WEIGHTS=False, MEAN=False, OPTIM=K.OPTIM_CODES["adagrad"],
+                                      L2=True, RUNS=32, BLOCK_COLS=128)),
+        (K.update_rows, "*fp16", dict(every, OPTIM=K.OPTIM_CODES["rowwise_adagrad"], L2=True, RUNS=32,
                                       BLOCK_COLS=128)),
-        (K.update_rows, "*fp32", dict(HAS_WEIGHTS=False, MEAN=False, OPTIM=K.OPTIM_CODES["adagrad"], RUNS=32,
-                                      BLOCK_COLS=128)),
-        (K.update_rows, "*fp16", dict(every, OPTIM=K.OPTIM_CODES["rowwise_adagrad"], RUNS=32, BLOCK_COLS=128)),
-        (K.update_rows, "*bf16", dict(every, OPTIM=K.OPTIM_CODES["adam"], RUNS=8, BLOCK_COLS=512)),
+        (K.update_rows, "*bf16", dict(every, OPTIM=K.OPTIM_CODES["adam"], L2=False, RUNS=8, BLOCK_COLS=512)),
     ]
     for kernel, weights, constexprs in variants:
         size = compile_kernel(kernel, weights, constexprs)

@@ -1,9 +1,11 @@
 """The training loop: epochs of steps, with logging, periodic evaluation and checkpoints.
 
-    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer, best)
+    result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer, best,
+                        Schedule(cfg.optimizer))
 
 ``best`` (distrec.trainer.best.BestModel, or None): each evaluation is also saved and tracked, and an
-early stop ends the loop after the evaluation that decides it.
+early stop ends the loop after the evaluation that decides it. ``schedule`` sets each step's learning
+rates and hears each periodic evaluation (the plateau schedule).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from distrec.trainer.evaluate import evaluate
 from distrec.trainer.logs import MetricsLog
 from distrec.trainer.phases import PhaseTimer, TimedOptimizer
 from distrec.trainer.pipeline import pipelined
+from distrec.trainer.schedule import Schedule
 from distrec.trainer.state import Position, training_state
 from distrec.trainer.step import train_step
 from distrec.trainer.window import Window
@@ -27,9 +30,10 @@ def samples_seen(pos: Position, loader: ParquetLoader) -> int:
 
 
 def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer=None,
-               best=None) -> dict:
+               best=None, schedule=None) -> dict:
     window, G, since_log = Window(), train_loader.global_batch_size, 0
     stopped = lambda: best is not None and best.stopped  # noqa: E731
+    schedule = schedule or Schedule(cfg.optimizer)
     step_opts = [TimedOptimizer(o, timer) for o in optimizers] if timer is not None else optimizers
     while pos.step < total and not stopped():
         batches = (b.to(ctx.device) for b in train_loader.epoch(pos.epoch, pos.batch))
@@ -37,6 +41,7 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
             batches = pipelined(batches, model.embeddings)
         for batch in (timer.timed_iter(batches) if timer is not None else batches):
             global_size = min(G, train_loader.num_rows - pos.batch * G)
+            set_lr(schedule, pos.step, optimizers, log)
             started = time.perf_counter()
             window.loss_sum += train_step(ddp, model.embeddings, step_opts, batch, global_size)
             if timer is not None:
@@ -53,10 +58,10 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
             with window.paused():
                 evaluated = bool(cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0 and not last)
                 if evaluated:
-                    result = evaluation(cfg, ctx, model, optimizers, eval_loader, pos, log, best)
+                    result = evaluation(cfg, ctx, model, optimizers, eval_loader, pos, log, best, schedule)
                 if cfg.checkpoint.dir and cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0 \
                         and not last and not (evaluated and best):  # with best on, the evaluation saved it
-                    checkpoint(cfg, ctx, model, optimizers, pos)
+                    checkpoint(cfg, ctx, model, optimizers, pos, schedule)
             if last or stopped():
                 break
         if pos.batch >= train_loader.num_batches():
@@ -65,17 +70,19 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
         log.train_window(pos.step, samples_seen(pos, train_loader), *window.close(ctx, since_log),
                          pipelined=cfg.train.pipeline)
     if not stopped():  # an early stop has just evaluated and saved this model
-        result = evaluation(cfg, ctx, model, optimizers, eval_loader, pos, log, best, final=True)
+        result = evaluation(cfg, ctx, model, optimizers, eval_loader, pos, log, best, schedule, final=True)
     return {**result, "step": pos.step,
             "samples_per_s": window.trained / window.train_time if window.train_time else 0.0}
 
 
-def evaluation(cfg: Config, ctx: DistContext, model, optimizers, eval_loader, pos: Position, log, best,
+def evaluation(cfg: Config, ctx: DistContext, model, optimizers, eval_loader, pos: Position, log, best, schedule,
                final: bool = False) -> dict:
     """Evaluate and log; with ``best``, save and track it too; the final one is saved in any case."""
     result = evaluate(model, eval_loader, ctx)
     log.evaluation(pos.step, **result)
-    save = lambda: checkpoint(cfg, ctx, model, optimizers, pos)  # noqa: E731
+    if not final:  # before the save, so that a resume from it has heard this evaluation (plateau)
+        schedule.evaluated(result)
+    save = lambda: checkpoint(cfg, ctx, model, optimizers, pos, schedule)  # noqa: E731
     if best is not None:
         best.after_evaluation(pos, result, save, log, final)
     elif final and cfg.checkpoint.dir:
@@ -83,8 +90,15 @@ def evaluation(cfg: Config, ctx: DistContext, model, optimizers, eval_loader, po
     return result
 
 
-def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position) -> None:
-    common, own = training_state(model, model.embeddings, optimizers, pos, ctx, to_dict(cfg))
+def set_lr(schedule: Schedule, step: int, optimizers, log: MetricsLog) -> None:
+    """This step's learning rates; each change is a {"kind": "lr"} record (every step while warming up)."""
+    changed = schedule.apply(step, optimizers)
+    if changed is not None:
+        log.record({"kind": "lr", "step": step, "dense_lr": changed[0], "sparse_lr": changed[1]})
+
+
+def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position, schedule=None) -> None:
+    common, own = training_state(model, model.embeddings, optimizers, pos, ctx, to_dict(cfg), schedule)
     save_sharded(cfg.checkpoint.dir, pos.step, common, own, ctx, keep=cfg.checkpoint.keep)
 
 

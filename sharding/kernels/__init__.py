@@ -40,6 +40,10 @@ class TableBatchedEmbedding(nn.Module):
         """Views [rows, width] of each table's weights (writable: checkpoints load through them)."""
         raise NotImplementedError
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of later backwards (a schedule changes it between steps); state is kept."""
+        raise NotImplementedError
+
     def table_states(self) -> list[dict[str, torch.Tensor]]:
         """Views of each table's optimizer state, keyed as ``sharding.optim.state_names(kind)``:
         "row_col" ones [rows, width], "row" ones [rows], "scalar" ones 0-dim."""

@@ -5,8 +5,14 @@
 On CPU this is the op from fbgemm-gpu-cpu (weights in host memory); on CUDA the one from fbgemm-gpu.
 Its optimizer runs inside backward. The CPU op has no Adam and all ops need widths that are multiples
 of 4, so ``unsupported`` says why a set of shapes cannot use it (the runtime then keeps the plain path).
+Nor does it take ``OptimSpec.l2`` (``optimizer.sparse_l2``): fbgemm-gpu-cpu 1.8.0's CPU op accepts
+``weight_decay`` with ``WeightDecayMode.L2`` and ignores it (measured: the rows move exactly as without it,
+for EXACT_SGD, EXACT_ADAGRAD and EXACT_ROWWISE_ADAGRAD), and its CUDA op supports L2 for row-wise Adagrad
+only, so the L2 on touched rows runs on the torch or Triton kernels instead.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -35,6 +41,8 @@ def unsupported(shapes: list[tuple[int, int]], optim: OptimSpec, device: torch.d
         return f"fbgemm needs shard widths that are multiples of {WIDTH_MULTIPLE}, got width {odd[0]}"
     if optim.kind == "adam" and device.type == "cpu":
         return "fbgemm's CPU op has no Adam"
+    if optim.l2:
+        return "optimizer.sparse_l2 is not supported by kernel fbgemm (its op ignores or lacks L2 on rows)"
     return None
 
 
@@ -64,6 +72,10 @@ class FbgemmTBE(TableBatchedEmbedding):
 
     def table_weights(self) -> list[torch.Tensor]:
         return self.op.split_embedding_weights()
+
+    def set_lr(self, lr: float) -> None:
+        self.op.set_learning_rate(lr)  # the op reads its lr tensor at each backward
+        self.optim = dataclasses.replace(self.optim, lr=lr)
 
     def table_states(self) -> list[dict[str, torch.Tensor]]:
         names = list(state_names(self.optim.kind))

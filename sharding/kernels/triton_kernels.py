@@ -110,8 +110,8 @@ def sum_run_pieces(col_offsets, offsets, bag_of, order, piece_starts, piece_ends
 @triton.jit
 def update_rows(weights, weight_offsets, col_offsets, row_offsets, indices, offsets, bag_of, order,
                 run_starts, num_runs, piece_first, partials, long_run, grad, grad_row_stride, per_sample_weights,
-                state1, state2, row_state, step_size, lr, eps, one_minus_beta1, one_minus_beta2, batch_size,
-                OPTIM: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MEAN: tl.constexpr, RUNS: tl.constexpr,
+                state1, state2, row_state, step_size, lr, eps, one_minus_beta1, one_minus_beta2, l2, batch_size,
+                OPTIM: tl.constexpr, L2: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MEAN: tl.constexpr, RUNS: tl.constexpr,
                 BLOCK_COLS: tl.constexpr):
     """Program k takes the distinct (table, row) pairs k * RUNS ... k * RUNS + RUNS - 1: sums each one's
     gradient over its occurrences, then applies the optimizer to those rows in place.
@@ -124,6 +124,8 @@ def update_rows(weights, weight_offsets, col_offsets, row_offsets, indices, offs
     State layout: ``state1``/``state2`` are shaped like the flat weights (adagrad's sum; adam's m, v),
     ``row_state`` has one value per row of all tables (row-wise adagrad), ``step_size`` is adam's
     bias-corrected lr (a device scalar, so the step count never has to come back to the host).
+    ``L2``: add ``l2 * w`` to each summed row gradient first (sharding.optim's L2 on touched rows: each
+    row is one run, so once per step); a constexpr, so kernels without it are the ones of before.
     """
     run = tl.program_id(0) * RUNS + tl.arange(0, RUNS)
     run_ok = run < num_runs
@@ -161,6 +163,8 @@ def update_rows(weights, weight_offsets, col_offsets, row_offsets, indices, offs
 
     at = (tl.load(weight_offsets + table, mask=run_ok, other=0) + row * width)[:, None] + cols[None, :]
     w = tl.load(weights + at, mask=col_ok, other=0.0).to(tl.float32)
+    if L2:
+        g = g + l2 * w
     # The formulas and their association follow sharding.optim.SparseOptimizer; *_rn keeps the GPU's
     # division and square root exact (IEEE round-to-nearest), as the reference's are.
     if OPTIM == SGD:

@@ -19,6 +19,7 @@ tests, not for speed.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 
@@ -133,6 +134,10 @@ class TritonTBE(TableBatchedEmbedding):
             # SparseOptimizer; table_states gives each table this same tensor.
             self.register_buffer("step", torch.zeros((), dtype=torch.float32, device=device))
 
+    def set_lr(self, lr: float) -> None:
+        # The lr is a kernel argument read from the spec at each backward (Adam's step size too).
+        self.optim = dataclasses.replace(self.optim, lr=lr)
+
     def table_weights(self) -> list[torch.Tensor]:
         return [self._table_view(self.weights, t) for t in range(len(self.shapes))]
 
@@ -226,8 +231,8 @@ class TritonTBE(TableBatchedEmbedding):
             self.weights, self.weight_offsets, self.col_offsets, self.row_offsets, indices, offsets, bag_of,
             order, run_starts, runs, piece_first, partials, self.long_run_ids, grad, grad.stride(0), psw,
             state1, state2, row_state, self.weights if step_size is None else step_size,
-            self.optim.lr, self.optim.eps, 1 - beta1, 1 - beta2, grad.shape[0],
-            OPTIM=K.OPTIM_CODES[kind], HAS_WEIGHTS=per_sample_weights is not None, MEAN=self.pooling == "mean",
+            self.optim.lr, self.optim.eps, 1 - beta1, 1 - beta2, self.optim.l2, grad.shape[0],
+            OPTIM=K.OPTIM_CODES[kind], L2=self.optim.l2 != 0.0, HAS_WEIGHTS=per_sample_weights is not None, MEAN=self.pooling == "mean",
             RUNS=runs_per_program, BLOCK_COLS=block_cols, num_warps=_num_warps(runs_per_program * block_cols),
             enable_fp_fusion=False)  # a separate multiply and add round as the reference's do
 

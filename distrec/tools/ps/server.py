@@ -38,10 +38,11 @@ class ParamServer:
         gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + index)
         self.weights = [nn.Parameter(self._init_rows(s, gen)) for s in specs]
         o = cfg.optimizer
-        self.sparse_opt = SparseOptimizer(self.weights, kind=o.sparse, lr=o.sparse_lr, eps=o.eps)
+        self.sparse_opt = SparseOptimizer(self.weights, kind=o.sparse, lr=o.sparse_lr, eps=o.eps, l2=o.sparse_l2)
         self.sparse_opt.init_state()
         self.model = dense_model(cfg, specs) if index == 0 else None
-        self.dense_opt = dense_optimizer(o.dense, list(self.model.parameters()), o.dense_lr, o.eps) if self.model else None
+        self.dense_opt = dense_optimizer(o.dense, list(self.model.parameters()), o.dense_lr, o.eps,
+                                         o.dense_weight_decay) if self.model else None
 
     def _init_rows(self, spec: TableSpec, gen: torch.Generator) -> torch.Tensor:
         weight = torch.empty(self.partition.local_rows(spec.num_rows, self.index), spec.dim)

@@ -44,6 +44,19 @@ def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note, s
     return pos
 
 
+def check_batch_norm(cfg: Config, loader) -> None:
+    """Batch norm needs 2 rows per rank in every training batch; a short last batch split over the ranks
+    may leave one, where torch would fail after a whole epoch: say so before training (every rank alike)."""
+    if cfg.model.norm != "batch" or not loader.num_batches():
+        return
+    G, last = loader.global_batch_size, loader.num_batches() - 1
+    fewest = min(G, loader.num_rows - last * G) // loader.world_size  # the smallest rank's share
+    if fewest < 2:
+        raise ConfigError(f"{cfg.source}: model.norm = 'batch' needs 2 rows per rank in every batch, and the last "
+                          f"batch of {loader.num_rows - last * G} rows gives a rank {fewest}: set data.drop_last = "
+                          "true or change train.global_batch_size")
+
+
 def run(cfg: Config, ctx: DistContext) -> dict:
     if cfg.checkpoint.dir:  # an unusable folder fails now, not at the first save after hours of training
         agreed(ctx, check_writable, cfg.checkpoint.dir)
@@ -61,6 +74,7 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
     specs, tables, plan, embeddings, model = built.specs, built.tables, built.plan, built.embeddings, built.model
     ddp, optimizers = wrap_dense(model, built.optimizers, ctx, timer)
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
+    check_batch_norm(cfg, train_loader)
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
     test_loader = make_loader(cfg, manifest, cfg.data.test_split, ctx, train=False) if cfg.data.test_split else None
     notes: list[str] = []  # said once the log exists

@@ -148,3 +148,27 @@ def test_keep_best_without_early_stop_and_the_last_model_otherwise(with_test_spl
     [test] = records(tmp_path / "b", "test")
     last = records(tmp_path / "b", "eval")[-1]
     assert (test["model"], test["step"], test["auc"], test["logloss"]) == ("last", 48, last["auc"], last["logloss"])
+
+
+def test_early_stop_resumed_mid_patience_stops_where_an_uninterrupted_run_does(small_data, tmp_path):
+    """Evaluations every 3 steps, patience 2 on logloss, learning rates high enough that logloss does
+    not fall every time: a run stopped (by max_steps) between the evaluations of one patience count and
+    resumed keeps the best so far and the count, so it stops at the same step, best at the same step."""
+    cfg_path, data = small_data
+
+    def run(root, *more):
+        return main(["--config", str(cfg_path), f"--data.path={data}", f"--logging.dir={root / 'logs'}",
+                     f"--checkpoint.dir={root / 'ckpt'}", "--eval.every_steps=3", "--train.epochs=3",
+                     "--train.early_stop.metric=logloss", "--train.early_stop.patience=2",
+                     "--optimizer.dense_lr=0.2", "--optimizer.sparse_lr=0.5", *more])
+
+    assert run(tmp_path / "whole") == 0
+    (stop,) = records(tmp_path / "whole" / "logs", "early_stop")
+    evals = [r["step"] for r in records(tmp_path / "whole" / "logs", "eval")]
+    missed = evals.index(stop["step"]) - 1  # the evaluation that began the last count without improvement
+    assert stop["step"] - stop["best_step"] == 2 * 3 and stop["step"] < 72, stop  # stopped early, by patience
+    cut = evals[missed]  # stop there: the resumed run must still know one evaluation did not improve
+    assert run(tmp_path / "split", f"--train.max_steps={cut}") == 0
+    assert run(tmp_path / "split", "--checkpoint.resume=true") == 0
+    (again,) = records(tmp_path / "split" / "logs", "early_stop")
+    assert (again["step"], again["best_step"], again["best"]) == (stop["step"], stop["best_step"], stop["best"])

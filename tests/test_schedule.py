@@ -148,3 +148,39 @@ def test_dense_lr_given_at_resume_wins_and_is_said(small_data, tmp_path, capsys)
     saved = ckpt.load_latest(tmp_path / "ckpt")
     assert saved["position"]["step"] == 8
     assert {g["lr"] for g in saved["dense_optimizer"]["param_groups"]} == {0.002}
+
+
+def _records(root, kind):
+    lines = map(json.loads, (root / "logs" / "metrics.jsonl").read_text().splitlines())
+    return [r for r in lines if r["kind"] == kind]
+
+
+def test_plateau_in_a_real_run_reduces_where_its_rule_says_and_survives_a_resume(small_data, tmp_path):
+    """Reduce on a logloss plateau (patience 1, halving) in a 30-step run with an evaluation every 3 steps
+    (learning rates high enough that logloss does not fall at every evaluation): the lr changes exactly
+    after the evaluations at which the rule, replayed on the logged values, reduces; a run stopped at
+    step 15 (its last evaluation there counts as the periodic one) and resumed logs the same evaluations
+    and the same lr changes: what plateau had seen came back from the checkpoint."""
+    cfg_path, data = small_data
+    sched = ["--optimizer.schedule=plateau", "--optimizer.plateau_metric=logloss", "--optimizer.plateau_patience=1",
+             "--optimizer.decay_rate=0.5", "--eval.every_steps=3", "--train.epochs=2", "--optimizer.dense_lr=0.2",
+             "--optimizer.sparse_lr=0.5"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(_args(cfg_path, data, whole, *sched, "--train.max_steps=30")) == 0
+    assert main(_args(cfg_path, data, split, *sched, "--train.max_steps=15")) == 0
+    assert main(_args(cfg_path, data, split, *sched, "--train.max_steps=30", "--checkpoint.resume=true")) == 0
+    evals = [(r["step"], r["logloss"]) for r in _records(whole, "eval")]
+    assert [s for s, _ in evals] == list(range(3, 31, 3))
+    rule, expected = Plateau("logloss", 1), []
+    for step, value in evals[:-1]:  # after the last one no step follows
+        if rule.evaluated(value):
+            expected.append((step, 0.2 * 0.5 ** rule.reductions, 0.5 * 0.5 ** rule.reductions))
+    assert expected, f"no plateau in {evals}: the test would show nothing"
+    assert _changes(_lr_records(whole)) == expected
+    assert [(r["step"], r["logloss"]) for r in _records(split, "eval")] == evals
+    assert _changes(_lr_records(split)) == expected  # the resumed process also says its starting lr
+
+
+def _changes(records):
+    """The lr records whose rates differ from the ones before (the first sets them)."""
+    return [r for before, r in zip(records, records[1:]) if r[1:] != before[1:]]

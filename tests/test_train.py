@@ -129,3 +129,17 @@ def test_errors_are_one_clear_line(small_data, tmp_path):
     assert "table c4 has 10 rows but the data" in r.stderr and "has ids up to 299" in r.stderr
     r = run_cli("-m", "distrec.train", "--config", str(cfg_path), f"--data.path={data}", "--schema.dense=[\"zz\"]")
     assert r.returncode == 2 and "schema.dense names columns the data does not have: zz" in r.stderr
+
+
+def test_batch_norm_with_a_one_row_last_batch_is_refused_before_training(small_data, tmp_path, capsys):
+    """6000 rows in batches of 5999 leave a last batch of one row, which batch norm cannot train on:
+    one line naming the option and the ways out, before step 1; drop_last makes the same run train."""
+    cfg_path, data = small_data
+    assert main(args(cfg_path, data, tmp_path, "--model.norm=batch", "--train.global_batch_size=5999")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"distrec.train: error: {cfg_path}: model.norm = 'batch' needs 2 rows per rank in "
+                                "every batch, and the last batch of 1 rows gives a rank 1: set data.drop_last = "
+                                "true or change train.global_batch_size"]
+    assert not (tmp_path / "logs" / "metrics.jsonl").exists()
+    assert main(args(cfg_path, data, tmp_path / "b", "--model.norm=batch", "--train.global_batch_size=5999",
+                     "--data.drop_last=true")) == 0

@@ -80,7 +80,9 @@ def evaluation(cfg: Config, ctx: DistContext, model, optimizers, eval_loader, po
     """Evaluate and log; with ``best``, save and track it too; the final one is saved in any case."""
     result = evaluate(model, eval_loader, ctx)
     log.evaluation(pos.step, **result)
-    if not final:  # before the save, so that a resume from it has heard this evaluation (plateau)
+    # Heard before the save, so that a resume from it has heard it too (plateau); a run's last evaluation
+    # at a periodic step counts as that periodic one, so stopping there and resuming changes nothing.
+    if not final or (cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0):
         schedule.evaluated(result)
     save = lambda: checkpoint(cfg, ctx, model, optimizers, pos, schedule)  # noqa: E731
     if best is not None:

@@ -338,6 +338,12 @@ def test_calibration_recovers_the_rates_of_a_machine_that_follows_the_model():
     assert rates["lookup_bytes_per_s"] == pytest.approx(1e9)
     assert rates["dense_flops_per_s"] == pytest.approx(1e10)
     assert rates["step_overhead_s"] == pytest.approx(3e-3)
+    assert "note" not in rates
+    # A link measured 1000x slower than it is (a burst on a shared machine) predicts more all-to-all
+    # time than the runtime took: the rates stay positive, from the whole runtime, and say so.
+    slow_link = rates_from_seconds(spec, {**slowest, "alltoall": [t * 1000 for t in slowest["alltoall"]]})
+    assert slow_link["lookup_bytes_per_s"] > 0 and slow_link["step_overhead_s"] >= 0
+    assert slow_link["note"].startswith("the all-to-all rate predicted more than the runtime took")
 
 
 # --------------------------------------------------------------- a row-wise table on a subset of ranks

@@ -119,8 +119,12 @@ def rates_from_seconds(spec: CalibrationSpec, slowest: dict) -> dict:
         a2a_s_per_byte, latency = _fit(tuple(a2a), tuple(slowest["alltoall"]))
     topo = _unit_topology(spec, 1 / a2a_s_per_byte if a2a_s_per_byte else 1e18, latency)
     points = [_runtime_points(spec, "table_wise", topo, b) for b in spec.batches()]
+    lookup_t = tuple(t - p[1] for t, p in zip(slowest["runtime"], points))
+    # A link rate measured in a noisy moment can predict more all-to-all time than the whole runtime
+    # took: then nothing is left to fit, and the runtime's seconds count as lookup seconds (said below).
+    whole_runtime = min(lookup_t) <= 0
     lookup_s_per_byte, runtime_fixed = _fit(tuple(p[0] for p in points),
-                                            tuple(t - p[1] for t, p in zip(slowest["runtime"], points)))
+                                            tuple(slowest["runtime"]) if whole_runtime else lookup_t)
     flops = [3 * spec.dense.flops_per_sample * b for b in spec.batches()]
     dense_s_per_flop, dense_fixed = _fit(tuple(flops), tuple(slowest["dense"]))
     # The whole step's time beyond its parts (both fits go through the parts' large-batch points).
@@ -128,6 +132,8 @@ def rates_from_seconds(spec: CalibrationSpec, slowest: dict) -> dict:
     rates = {"lookup_bytes_per_s": 1 / lookup_s_per_byte, "dense_flops_per_s": 1 / dense_s_per_flop,
              "step_overhead_s": max(runtime_fixed + dense_fixed + beyond, 0.0), "beyond_parts_s": beyond,
              "spec": spec.record(), "raw_seconds": slowest}
+    if whole_runtime:
+        rates["note"] = "the all-to-all rate predicted more than the runtime took; lookup rate from the whole runtime"
     if a2a_s_per_byte:
         rates.update(alltoall_bytes_per_s=1 / a2a_s_per_byte, collective_latency_s=latency)
     if "replicated" in slowest:

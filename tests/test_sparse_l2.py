@@ -76,7 +76,7 @@ def test_sparse_optimizer_adds_l2_once_per_touched_row_per_step():
                    for i, t in enumerate(TABLES)]
         opt = SparseOptimizer(weights, kind, lr=LR, eps=EPS, betas=BETAS, l2=L2)
         jb = batch(0, 4)
-        pooled, col = [], 0
+        pooled = []
         for i, (t, w) in enumerate(zip(TABLES, weights)):
             ids = torch.tensor([x for bag in BAGS[t.name] for x in bag])
             offsets = torch.tensor([0] + [len(b) for b in BAGS[t.name]]).cumsum(0)[:-1]

@@ -4,42 +4,18 @@
     best.after_evaluation(pos, result, save, log)           # at each evaluation: save, track, maybe stop
     result = best.final(model, optimizers, eval_loader, ctx, log, result)  # the best step's, evaluated
 
-The rule itself is ``Tracker`` (no I/O): ``Tracker("auc").update(step, value)`` says whether the value
+The rule itself is ``distrec.trainer.metrics.Tracker`` (no I/O): ``Tracker("auc").update(step, value)`` says whether the value
 improved, and ``since`` counts the evaluations since the last improvement.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 from distrec.config import Config
 from distrec.trainer.checkpoint import agreed, forget_best, open_checkpoint, read_best, write_best
 from distrec.trainer.evaluate import evaluate
+from distrec.trainer.metrics import Tracker
 from distrec.trainer.state import restore
-
-HIGHER_IS_BETTER = {"auc": True, "logloss": False}
-
-
-@dataclass
-class Tracker:
-    """The best value of ``metric`` so far, at which step, and how many evaluations have not beaten it."""
-
-    metric: str
-    best: float | None = None
-    best_step: int = -1
-    since: int = 0
-
-    def update(self, step: int, value: float) -> bool:
-        """True when ``value`` beats the best so far (the first value always does; NaN never does)."""
-        higher = HIGHER_IS_BETTER[self.metric]
-        if self.best is None or (not math.isnan(value) and (math.isnan(self.best) or
-                                                              (value > self.best if higher else value < self.best))):
-            self.best, self.best_step, self.since = value, step, 0
-            return True
-        self.since += 1
-        return False
-
 
 def best_metric(cfg: Config) -> str:
     """The metric that names the best model: checkpoint.keep_best, else train.early_stop.metric ("" off)."""

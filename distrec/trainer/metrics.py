@@ -7,6 +7,9 @@ over all of them: an average of per-rank AUCs is not the AUC of the whole split.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -55,3 +58,27 @@ def gather_predictions(probs: torch.Tensor, labels: torch.Tensor, ctx) -> tuple[
     local = torch.stack([probs.detach().float().cpu(), labels.detach().float().cpu()], dim=1)  # [rows, 2]
     both = all_gather_rows(local, ctx).numpy()
     return both[:, 0], both[:, 1]
+
+
+HIGHER_IS_BETTER = {"auc": True, "logloss": False}
+
+
+@dataclass
+class Tracker:
+    """The best value of ``metric`` so far, at which step, and how many evaluations have not beaten it:
+    early stopping, the best checkpoint and the plateau schedule all judge "better" here."""
+
+    metric: str
+    best: float | None = None
+    best_step: int = -1
+    since: int = 0
+
+    def update(self, step: int, value: float) -> bool:
+        """True when ``value`` beats the best so far (the first value always does; NaN never does)."""
+        higher = HIGHER_IS_BETTER[self.metric]
+        if self.best is None or (not math.isnan(value) and (math.isnan(self.best) or
+                                                              (value > self.best if higher else value < self.best))):
+            self.best, self.best_step, self.since = value, step, 0
+            return True
+        self.since += 1
+        return False

@@ -24,6 +24,7 @@ The step-based factors follow from the step alone, so a resumed run continues th
 from __future__ import annotations
 
 from distrec.config import OptimizerConfig
+from distrec.trainer.metrics import Tracker
 
 
 def lr_factor(step: int, cfg: OptimizerConfig, reductions: int = 0) -> float:
@@ -56,26 +57,23 @@ class Plateau:
     """Reduce-on-plateau's memory: ``Plateau("auc", patience=2).evaluated(0.71)`` -> True when it reduces."""
 
     def __init__(self, metric: str, patience: int):
-        self.metric, self.patience = metric, patience
-        self.best: float | None = None
-        self.bad, self.reductions = 0, 0
+        self.tracker, self.patience, self.reductions = Tracker(metric), patience, 0
+
+    @property
+    def best(self) -> float | None:
+        return self.tracker.best
 
     def evaluated(self, value: float) -> bool:
-        better = self.best is None or (value > self.best if self.metric == "auc" else value < self.best)
-        if better:
-            self.best, self.bad = value, 0
+        if self.tracker.update(0, value) or self.tracker.since < self.patience:
             return False
-        self.bad += 1
-        if self.bad < self.patience:
-            return False
-        self.bad, self.reductions = 0, self.reductions + 1
+        self.tracker.since, self.reductions = 0, self.reductions + 1  # the count starts again
         return True
 
-    def state_dict(self) -> dict:
-        return {"best": self.best, "bad": self.bad, "reductions": self.reductions}  # plain data: weights_only
+    def state_dict(self) -> dict:  # plain data: weights_only
+        return {"best": self.tracker.best, "bad": self.tracker.since, "reductions": self.reductions}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best, self.bad, self.reductions = state["best"], state["bad"], state["reductions"]
+        self.tracker.best, self.tracker.since, self.reductions = state["best"], state["bad"], state["reductions"]
 
 
 class Schedule:

@@ -525,13 +525,15 @@ def _validate_inits(cfg: Config, specs: list[TableSpec]) -> None:
 def dropout_rates(cfg: Config) -> list[float]:
     """One rate per hidden layer, the bottom MLP's (none without dense features) then the top's."""
     m = cfg.model
-    n = (len(m.bottom_mlp) if cfg.schema.dense else 0) + len(m.top_mlp)
-    return list(m.dropout) if isinstance(m.dropout, list) else [m.dropout] * n
+    return list(m.dropout) if isinstance(m.dropout, list) else [m.dropout] * hidden_layers(cfg)
+
+
+def hidden_layers(cfg: Config) -> int:
+    return (len(cfg.model.bottom_mlp) if cfg.schema.dense else 0) + len(cfg.model.top_mlp)
 
 
 def _validate_model(cfg: Config, specs: list[TableSpec]) -> None:
-    src, m = cfg.source, cfg.model
-    n = (len(m.bottom_mlp) if cfg.schema.dense else 0) + len(m.top_mlp)
+    src, m, n = cfg.source, cfg.model, hidden_layers(cfg)
     rates = dropout_rates(cfg)
     if len(rates) != n:
         raise ConfigError(f"{src}: model.dropout has {len(rates)} rates but the MLPs have {n} hidden layers "

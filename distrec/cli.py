@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from distrec import __version__
+from distrec import __version__, print_error
 from distrec.config import ConfigError
 from distrec.data.manifest import DataError
 from sharding.types import PlanError
@@ -72,7 +72,7 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         return bench_main(args, rest)
     except (ValueError, RuntimeError) as e:  # bad options, a failed data synthesis
-        print(f"distrec: error: {e}", file=sys.stderr)
+        print_error(f"distrec: error: {e}")
         return 2
 
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, rest)
     except (ConfigError, DataError, PlanError, FileNotFoundError, CheckpointError) as e:
-        print(f"distrec: error: {e}", file=sys.stderr)
+        print_error(f"distrec: error: {e}")
         return 2
 
 

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 
+from distrec import print_error
 from distrec.config import Config, ConfigError, dump_toml, load_config
 from distrec.data.loader import make_loader
 from distrec.data.manifest import DataError, read_manifest
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (ConfigError, DataError, PlanError, InputError, CheckpointError, RunLockError) as e:
         rank = f"[rank {ctx.rank}] " if ctx and ctx.world_size > 1 else ""
-        print(f"distrec.train: error: {rank}{e}", file=sys.stderr, flush=True)
+        print_error(f"distrec.train: error: {rank}{e}")
         return 2
     finally:
         if ctx is not None:

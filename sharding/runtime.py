@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 
@@ -111,11 +112,13 @@ class ShardedEmbeddingCollection(nn.Module):
         return (ERR_RANGE, *bad) if bad else (ERR_NONE, 0, 0)
 
     def _routing(self) -> None:
-        """Tables and row ranges as one id space: a sorted search finds every id's row or table shard
-        in one pass (column shards, which all get the whole bag, are handled apart)."""
+        """Tables and row ranges as one id space: a sorted search finds every id's row shard in one
+        pass. Shards holding all rows of their table (table- and column-wise) get the table's bags whole,
+        with no search or sort: they are already grouped by table and sample."""
         placed = [p for shards in self.dst_shards for p in shards]
         base = [sum(t.num_rows for t in self.tables[:i]) for i in range(len(self.tables))]
-        routed = [c for c, p in enumerate(placed) if p.shard.width == self.dims[p.table]]
+        self._whole = [p.shard.num_rows == self.tables[p.table].num_rows for p in placed]
+        routed = [c for c, p in enumerate(placed) if not self._whole[c]]
         routed.sort(key=lambda c: base[placed[c].table] + placed[c].shard.row_start)
         self._base = torch.tensor(base, dtype=torch.int64)
         self._starts = torch.tensor([base[placed[c].table] + placed[c].shard.row_start for c in routed],
@@ -131,6 +134,26 @@ class ShardedEmbeddingCollection(nn.Module):
         """Per destination rank: (lengths, ids, weights) of every bag of its shards, in canonical order."""
         batch, n = sparse.batch_size, len(self._placed)
         lengths = sparse.lengths.view(len(self.tables), batch)
+        counts, local_ids, local_w = self._route(sparse, lengths) if len(self._canon) else (None, None, None)
+        per_key = torch.split(sparse.values, sparse.length_per_key())
+        per_key_w = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
+        out, c = [], 0
+        for shards in self.dst_shards:
+            lens, vals, wts = [], [], []
+            for p in shards:
+                if not self._whole[c]:  # a row shard: its routed ids
+                    lens.append(counts[c]), vals.append(local_ids[c]), wts.append(local_w[c])
+                else:  # a table or column shard gets every bag of its table whole
+                    lens.append(lengths[p.table]), vals.append(per_key[p.table])
+                    wts.append(per_key_w[p.table] if per_key_w is not None else None)
+                c += 1
+            out.append((lens, vals, wts))
+        return out
+
+    def _route(self, sparse: JaggedBatch, lengths: torch.Tensor):
+        """Row shards' bags: (lengths [shards, batch], ids, weights) per shard in canonical order, each id
+        shifted to its shard's rows; entries for other shards are empty."""
+        batch, n = sparse.batch_size, len(self._placed)
         table_of_id = torch.repeat_interleave(torch.arange(len(self.tables)), lengths.sum(1))
         bag_of_id = torch.repeat_interleave(torch.arange(batch).repeat(len(self.tables)), sparse.lengths)
         routed = self._routed_table[table_of_id]
@@ -142,20 +165,7 @@ class ShardedEmbeddingCollection(nn.Module):
         local_ids = torch.split((ids - self._shift[k])[order], counts.sum(1).tolist())
         weights = sparse.weights[routed][order] if sparse.weights is not None else None
         local_w = torch.split(weights, counts.sum(1).tolist()) if weights is not None else [None] * n
-        per_key = torch.split(sparse.values, sparse.length_per_key())
-        per_key_w = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
-        out, c = [], 0
-        for shards in self.dst_shards:
-            lens, vals, wts = [], [], []
-            for p in shards:
-                if p.shard.width == self.dims[p.table]:  # row- or table-wise: its routed ids
-                    lens.append(counts[c]), vals.append(local_ids[c]), wts.append(local_w[c])
-                else:  # a column shard gets every bag of its table whole
-                    lens.append(lengths[p.table]), vals.append(per_key[p.table])
-                    wts.append(per_key_w[p.table] if per_key_w is not None else None)
-                c += 1
-            out.append((lens, vals, wts))
-        return out
+        return counts, local_ids, local_w
 
     def _exchange_counts(self, sparse: JaggedBatch, buckets) -> torch.Tensor:
         err = self._check(sparse)
@@ -227,7 +237,8 @@ class ShardedEmbeddingCollection(nn.Module):
         order, its row shards' partial sums added, its replica as looked up here."""
         blocks = torch.split(received, [batch * w for w in self.recv_width])
         if self._blocks_in_table_order:  # every rank sent all tables' columns in order: just add them up
-            return sum(block.view(batch, width) for block, width in zip(blocks, self.recv_width))
+            views = [block.view(batch, width) for block, width in zip(blocks, self.recv_width)]
+            return functools.reduce(torch.add, views)  # not sum(): its 0 + first block copies a whole block
         pieces: list[list[tuple[int, torch.Tensor]]] = [[] for _ in self.tables]
         # split, not slicing: each slice's backward would build a zero gradient of the whole block
         for shards, block, width in zip(self.dst_shards, blocks, self.recv_width):

@@ -6,6 +6,7 @@ before the runtime trusts it, and the log table that shows it.
     save_plan("plan.json", plan, tables)
     assert load_plan("plan.json", tables, world_size=4) == plan
     print(describe_plan(plan, tables))
+    check_exchange("two_level", 4, world_size=8)   # PlanError unless a known exchange on whole nodes
 
 What a valid set of shards is for each type is ``sharding.sharding_types``'s to say; this module
 checks the rest (every table planned once, ranks and ranges inside the job and the table).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from sharding.files import atomic_write, read_versioned_json
 from sharding.sharding_types import RULES
-from sharding.types import PlanError, Shard, ShardingPlan, ShardingType, TableConfig, TablePlan, rank_list
+from sharding.types import EXCHANGES, PlanError, Shard, ShardingPlan, ShardingType, TableConfig, TablePlan, rank_list
 
 FORMAT_VERSION = 1
 
@@ -68,6 +69,18 @@ def validate_plan(plan: ShardingPlan, tables: list[TableConfig], world_size: int
             raise PlanError(f"table {name} is in the plan but not configured")
     for t in tables:
         _validate_table(plan.tables[t.name], t, world_size)
+    check_exchange(plan.exchange, plan.ranks_per_node, world_size)
+
+
+def check_exchange(exchange, ranks_per_node, world_size: int) -> None:
+    """PlanError unless ``exchange`` is one of EXCHANGES and a two-level one has a node size that
+    splits the ranks into whole nodes."""
+    if exchange not in EXCHANGES:
+        raise PlanError(f"unknown exchange {exchange!r}; valid exchanges: {', '.join(EXCHANGES)}")
+    if exchange == "two_level" and not (isinstance(ranks_per_node, int) and ranks_per_node >= 1
+                                        and world_size % ranks_per_node == 0):
+        raise PlanError(f"two_level exchange needs ranks_per_node, a whole number of ranks per node dividing "
+                        f"the {world_size} ranks, got {ranks_per_node!r}")
 
 
 def _validate_table(tp: TablePlan, t: TableConfig, world_size: int) -> None:
@@ -107,6 +120,8 @@ def plan_to_json(plan: ShardingPlan, tables: list[TableConfig]) -> str:
         "format_version": FORMAT_VERSION,
         "world_size": plan.world_size,
         "table_hash": table_hash(tables),
+        "exchange": plan.exchange,
+        **({"ranks_per_node": plan.ranks_per_node} if plan.ranks_per_node is not None else {}),
         "tables": {t.name: _table_to_dict(plan.tables[t.name], t) for t in tables},
     }
     return json.dumps(doc, indent=2) + "\n"
@@ -144,7 +159,9 @@ def load_plan(path: str | os.PathLike, tables: list[TableConfig], world_size: in
         # Every entry matched rows and dim, so a pooling left out of the file changed, or it was edited.
         raise PlanError(f"{where}: table_hash does not match the configured tables "
                         f"({', '.join(t.name for t in tables)}); was a table's pooling changed?")
-    plan = ShardingPlan(world_size, {name: _table_from_dict(where, name, e) for name, e in entries.items()})
+    # A file written before the exchange was recorded says none: flat, as it ran then.
+    plan = ShardingPlan(world_size, {name: _table_from_dict(where, name, e) for name, e in entries.items()},
+                        doc.get("exchange", "flat"), doc.get("ranks_per_node"))
     try:
         validate_plan(plan, tables, world_size)
     except PlanError as e:

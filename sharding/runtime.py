@@ -18,6 +18,8 @@ steps for all of them:
 3. output dist: pooled vectors go back to the ranks that own the samples (differentiable all-to-all)
    and are added into the output columns: column shards land side by side, row-wise partial sums add up.
 
+A plan with the two-level exchange sends the pooled rows back within each node first, its row-wise
+partial sums added there, then once between nodes (``sharding.two_level``); the results are the same.
 Data-parallel tables are replicas looked up locally; ``sync_replica_grads`` all-reduces their gradients.
 Gradients of sharded rows come back through the reversed all-to-all to the owner, where the fbgemm kernel
 updates the touched rows inside backward, or the plain path leaves row-sparse gradients for ``step()``
@@ -39,6 +41,7 @@ from sharding.jagged import JaggedBatch
 from sharding.lookup import Placed, TorchLookup, choose_kernel, make_lookup
 from sharding.optim import OptimSpec
 from sharding.plan import validate_plan
+from sharding.two_level import TwoLevelOutput, assemble
 from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig
 
 ERR_NONE, ERR_KEYS, ERR_RANGE = 0, 1, 2
@@ -73,7 +76,7 @@ class InputError(ValueError):
 class ShardedEmbeddingCollection(nn.Module):
     def __init__(self, tables: list[TableConfig], plan: ShardingPlan, rank: int = 0, group=None, seed: int = 0,
                  device: torch.device | str = "cpu", optim: OptimSpec | None = None, kernel: str = "auto",
-                 timer=None):
+                 timer=None, ranks_per_node: int | None = None):
         super().__init__()
         self.world = world_size(group)
         validate_plan(plan, tables, self.world)
@@ -101,8 +104,23 @@ class ShardedEmbeddingCollection(nn.Module):
         self._blocks_in_table_order = not self.replicated and all(
             [(p.table, p.shard.col_start, p.shard.width) for p in shards] == full for shards in self.dst_shards)
         self._routing()
+        self.two_level = self._two_level(plan, ranks_per_node)
         self.timer = timer  # an optional phase timer (distrec.trainer.phases.PhaseTimer) for the step-time breakdown
         self.to(device)
+
+    def _two_level(self, plan: ShardingPlan, ranks_per_node: int | None) -> TwoLevelOutput | None:
+        """The plan's two-level output exchange (``ranks_per_node`` overrides the plan's node size, e.g.
+        torchrun's LOCAL_WORLD_SIZE; any grouping gives the same results), or None for the flat one."""
+        if plan.exchange != "two_level":
+            return None
+        return TwoLevelOutput(self.dst_shards, self.dims, self.rank, self.world,
+                              ranks_per_node or plan.ranks_per_node, self.group)
+
+    def _with_replicas(self, pieces: list, sparse: JaggedBatch) -> list:
+        replicas = self._replica_lookup(sparse)
+        for i, piece in zip(self.replicated, torch.split(replicas, [self.dims[i] for i in self.replicated], 1)):
+            pieces[i].append((0, piece))
+        return pieces
 
     # ---- input dist -------------------------------------------------------------------------------
     def _check(self, sparse: JaggedBatch) -> tuple[int, int, int]:
@@ -283,6 +301,11 @@ class ShardedEmbeddingCollection(nn.Module):
         sparse, batch = inc.sparse, inc.batch_size
         with self._phase("lookup"):
             pooled = self.local.pool(*arrived, inc.batch_sizes)  # [samples of all sources, my width]
+        if self.two_level is not None:  # sharding.two_level: summed within each node, then between nodes
+            with self._phase("output_a2a"):
+                pieces = self.two_level(pooled, inc.batch_sizes, batch)
+            out = assemble(self._with_replicas(pieces, sparse), batch)
+            return out / self._mean_divisor(sparse) if self.has_mean else out
         w_mine = self.recv_width[self.rank]
         with self._phase("output_a2a"):
             received = all_to_all(pooled.reshape(-1), [b * w_mine for b in inc.batch_sizes],

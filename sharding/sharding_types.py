@@ -12,7 +12,9 @@ model all ask here; the runtime needs none of it (every type is shards with row 
 | table_wise     | one whole shard      | any one rank               | ids to the owner, pooled rows back  |
 | row_wise       | row blocks           | shard i on rank i          | ids to their rows' owner, partial   |
 |                |                      |                            | pooled rows back, summed            |
-| table_row_wise | row blocks           | the ranks of one node      | as row_wise, within the node        |
+| table_row_wise | row blocks           | the ranks of one node      | as row_wise; with the plan's        |
+|                |                      |                            | two-level exchange the node's       |
+|                |                      |                            | partials are summed before crossing |
 | column_wise    | column blocks        | distinct ranks             | whole bags to every shard, pooled   |
 |                |                      |                            | column slices back, concatenated    |
 | data_parallel  | a whole copy per rank| every rank                 | none forward; gradients all-reduced |

@@ -9,7 +9,8 @@ Every table has a plan; a table-wise table has one shard (all rows and columns),
 shard per row range, a column-wise table one shard per column range, and a data-parallel table one
 full shard on every rank (a replica; its gradients are all-reduced). A table-row-wise table is row-wise
 with its shards on the ranks of one node only (the planner's choice when nodes > 1); the runtime routes
-it like any row-wise table. ``sharding.sharding_types`` says how each type cuts a table and what it
+it like any row-wise table. The plan also says how pooled rows go back (``exchange``: flat, or
+two-level within nodes of ``ranks_per_node`` ranks first). ``sharding.sharding_types`` says how each type cuts a table and what it
 exchanges; the names below are the kit's vocabulary, which configs and command lines check against.
 """
 from __future__ import annotations
@@ -78,10 +79,19 @@ class TablePlan:
     shards: list[Shard] = field(default_factory=list)
 
 
+# How pooled rows travel back to the samples' ranks (sharding.two_level): "flat", one all-to-all over
+# all ranks; "two_level", summed inside each node of ``ranks_per_node`` consecutive ranks first, then
+# one exchange between nodes per peer rank (the planner's choice when the inter-node link is the
+# bottleneck). Both give the same results; only the bytes that cross nodes differ.
+EXCHANGES = ("flat", "two_level")
+
+
 @dataclass
 class ShardingPlan:
     world_size: int
     tables: dict[str, TablePlan]  # by table name
+    exchange: str = "flat"  # one of EXCHANGES
+    ranks_per_node: int | None = None  # the node size "two_level" groups ranks by (None with "flat")
 
 
 def rank_list(ranks: list[int]) -> str:

@@ -16,6 +16,8 @@ What is counted is what ``sharding.runtime`` and ``sharding.optim`` do on a rank
   ``hbm_bw x lookup_efficiency``; each all-to-all takes max(bytes the rank sends, bytes it receives)
   x the share that leaves the rank, at the intra- or inter-node link rate, whichever is slower;
   replicated tables and the dense model all-reduce their gradients (ring: 2 (W-1)/W of the bytes).
+  A plan with the two-level exchange pays the difference ``sharding.planner.exchange`` finds between
+  its pooled-row bytes within and between nodes and the flat exchange's, in each direction.
 
 Ids are assumed spread evenly over a table's rows (``distrec data synth`` scatters popular ids over
 the id space, and hashed ids are), so a row-wise shard of r rows out of R serves r/R of the ids.
@@ -23,8 +25,10 @@ Which ids a shard serves and what it exchanges is its type's (``sharding.shardin
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
+from sharding.planner.exchange import two_level_delta
 from sharding.planner.types import DenseCost, MemoryCost, RankCost, ShardOption, TimeCost, Topology, Workload
 from sharding.sharding_types import RULES
 from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig, state_names
@@ -255,4 +259,8 @@ def estimate_plan(plan: ShardingPlan, tables: list[TableConfig], topo: Topology,
                 cache[key] = piece_cost(t, shard, option.kind, work, topo)
             sums[rank] = [a + b for a, b in zip(sums[rank], cache[key])]
     model = rank_model(chosen, topo, work)
-    return [RankCost(r, model.memory(PieceCost(*v)), model.time(PieceCost(*v))) for r, v in enumerate(sums)]
+    times = [model.time(PieceCost(*v)) for v in sums]
+    if plan.exchange == "two_level":  # the pooled rows and their gradients go within the node first
+        times = [dataclasses.replace(t, comm_fwd=t.comm_fwd + d, comm_bwd=t.comm_bwd + d)
+                 for t, d in zip(times, two_level_delta(plan, topo, work))]
+    return [RankCost(r, model.memory(PieceCost(*v)), t) for r, (v, t) in enumerate(zip(sums, times))]

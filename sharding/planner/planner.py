@@ -4,7 +4,8 @@ runtime executes, with its estimated per-rank memory and step time and the reaso
     result = plan_tables(tables, make_topology("h100-80g", 8), Workload(batch_per_rank=8192))
     result.plan, result.step_s, result.decisions["C1"].reason
 
-enumerate_options (per table) -> Search (estimate every shard, choose and place) -> validate_plan ->
+enumerate_options (per table) -> Search (estimate every shard, choose and place) -> the exchange
+(flat, or two-level when the inter-node link is the bottleneck) -> validate_plan ->
 estimate_plan (the same model, from the plan itself) -> explain. When nothing fits, the message names
 the tables, the memory missing per rank and the smallest topology change that would fit.
 """
@@ -16,6 +17,7 @@ import time
 from sharding.plan import check_tables, validate_plan
 from sharding.planner.enumerators import enumerate_options
 from sharding.planner.estimate import FP32_BYTES, estimate_plan, optimizer_bytes
+from sharding.planner.exchange import EXCHANGE_MARGIN, with_exchange
 from sharding.planner.partition import Search
 from sharding.planner.report import explain, infeasible_message
 from sharding.planner.types import GB, InfeasiblePlanError, PlannerError, PlanResult, TableConstraints, Topology, Workload
@@ -42,7 +44,7 @@ def plan_tables(tables: list[TableConfig], topology: Topology, workload: Workloa
     search.run()
     if search.too_big or search.unplaced or search.overfull():
         raise _infeasible(search, constraints, dp_max_bytes, suggest)
-    plan = _to_plan(search)
+    plan = with_best_exchange(_to_plan(search), tables, topology, workload)
     validate_plan(plan, tables, topology.world_size)
     ranks = estimate_plan(plan, tables, topology, workload)  # the same model, from the plan itself
     decisions = explain(search, constraints)
@@ -71,6 +73,19 @@ def _to_plan(search: Search) -> ShardingPlan:
         shards = [s.on(r) for s, r in zip(option.shards, search.ranks[ti])]
         plans[t.name] = TablePlan(t.name, option.kind, sorted(shards, key=lambda s: (s.col_start, s.row_start)))
     return ShardingPlan(search.topo.world_size, plans)
+
+
+def with_best_exchange(plan: ShardingPlan, tables: list[TableConfig], topo: Topology,
+                       work: Workload) -> ShardingPlan:
+    """``plan`` with the two-level exchange where that lowers the estimated step time by EXCHANGE_MARGIN
+    (so only with more than one node), else with the flat one. Chosen after placement: the search
+    prices the flat exchange (``sharding.planner.exchange`` says what either costs)."""
+    flat = with_exchange(plan, topo, "flat")
+    if topo.nodes == 1:
+        return flat
+    two = with_exchange(plan, topo, "two_level")
+    step = [max(r.time.total for r in estimate_plan(p, tables, topo, work)) for p in (flat, two)]
+    return two if step[1] < step[0] * (1 - EXCHANGE_MARGIN) else flat
 
 
 # ---- when nothing fits ---------------------------------------------------------------------------

@@ -7,7 +7,8 @@ nothing fits; what-if comparisons side by side.
 from __future__ import annotations
 
 from sharding.types import rank_list
-from sharding.planner.estimate import FP32_BYTES, optimizer_bytes
+from sharding.planner.estimate import FP32_BYTES, estimate_plan, optimizer_bytes
+from sharding.planner.exchange import with_exchange
 from sharding.planner.types import GB, PlannerError, PlanResult, TableDecision, human_bytes
 from sharding.types import ShardingType, TableConfig
 
@@ -92,7 +93,20 @@ def format_ranks(result: PlanResult) -> str:
     return _columns(rows, right={1, 2, 3, 4, 5})
 
 
-def format_summary(result: PlanResult) -> str:
+def format_exchange(result: PlanResult, tables: list[TableConfig]) -> str:
+    """The plan's output exchange and what the other one would cost."""
+    plan, topo = result.plan, result.topology
+    if topo.nodes == 1:
+        return "exchange: flat (one node)"
+    other = "flat" if plan.exchange == "two_level" else "two_level"
+    alt = estimate_plan(with_exchange(plan, topo, other), tables, topo, result.workload)
+    cost = f"{other}: step {(max(r.time.total for r in alt) - result.step_s) * 1e3:+.2f} ms"
+    how = (f"pooled rows summed within nodes of {plan.ranks_per_node} ranks, then between nodes"
+           if plan.exchange == "two_level" else "one all-to-all over all ranks")
+    return f"exchange: {plan.exchange} ({how}; {cost})"
+
+
+def format_summary(result: PlanResult, tables: list[TableConfig]) -> str:
     topo, work = result.topology, result.workload
     counts: dict[str, int] = {}
     for tp in result.plan.tables.values():
@@ -103,6 +117,7 @@ def format_summary(result: PlanResult) -> str:
         "tables: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
         f"imbalance: slowest rank {slowest.rank} is {result.imbalance * 100:.1f} % above the mean "
         f"({result.step_s * 1e3:.2f} vs {result.mean_step_s * 1e3:.2f} ms)",
+        format_exchange(result, tables),
         f"largest rank memory: {max(r.memory.total for r in result.ranks) / GB:.2f} of {topo.hbm_bytes / GB:.2f} GB",
         f"estimated step time: {result.step_s * 1e3:.2f} ms -> {result.samples_per_s:,.0f} samples/s "
         f"({work.batch_per_rank:,} per rank x {topo.world_size} ranks)",
@@ -122,7 +137,7 @@ def format_header(result: PlanResult) -> str:
 
 def format_result(result: PlanResult, tables: list[TableConfig]) -> str:
     return "\n\n".join([format_header(result), format_tables(result, tables), format_ranks(result),
-                        format_summary(result)])
+                        format_summary(result, tables)])
 
 
 # ---- infeasible ---------------------------------------------------------------------------------

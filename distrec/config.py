@@ -185,6 +185,9 @@ class TrainConfig:
     max_steps: int = 0  # 0: no limit
     device: str = "auto"  # auto | cpu | cuda
     pipeline: bool = False  # start batch i+1's id all-to-all while batch i's dense part runs
+    # run the bottom MLP while the pooled embeddings are exchanged, and its backward while their gradients
+    # are (results are the same either way; false: one after the other, to measure what the overlap buys)
+    overlap: bool = True
     log_every_steps: int = 50
     progress_bar: bool = True
     # >0: time each step's phases (data wait, all-to-alls, lookup, all-reduce, optimizer) and write their

@@ -105,11 +105,13 @@ def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position, 
 
 
 def report_breakdown(cfg: Config, ctx: DistContext, timer: PhaseTimer, log: MetricsLog) -> None:
-    """Collective: each rank's mean ms per phase; rank 0 writes {"kind": "breakdown"} with the mean over
-    ranks and every rank's own numbers."""
+    """Collective: each rank's mean ms per phase and per exchange's overlap (in flight, waited, hidden);
+    rank 0 writes {"kind": "breakdown"} with the means over ranks and every rank's own numbers."""
     per_rank = all_gather_object(timer.summary(cfg.train.profile_steps), ctx)
     if ctx.is_main:
-        phases = per_rank[0]["ms"].keys()
-        mean = {k: sum(r["ms"][k] for r in per_rank) / len(per_rank) for k in phases}
-        log.record({"kind": "breakdown", "steps": per_rank[0]["steps"], "ms": mean,
-                    "ranks": [r["ms"] for r in per_rank]})
+        mean = lambda values: sum(values) / len(per_rank)  # noqa: E731
+        ms = {k: mean(r["ms"][k] for r in per_rank) for k in per_rank[0]["ms"]}
+        overlap = {name: {k: mean(r["overlap_ms"][name][k] for r in per_rank) for k in fields}
+                   for name, fields in per_rank[0]["overlap_ms"].items()}
+        log.record({"kind": "breakdown", "steps": per_rank[0]["steps"], "ms": ms, "overlap_ms": overlap,
+                    "ranks": [r["ms"] for r in per_rank], "ranks_overlap_ms": [r["overlap_ms"] for r in per_rank]})

@@ -176,14 +176,14 @@ class _StartAllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         flight = ctx.flight
-        got = flight.backward_ex.wait()  # ``grad`` is this same buffer, being filled
+        got = flight.backward_ex.wait()  # ``grad`` is a stand-in (see _FinishAllToAll.backward)
         flight._heard("grad_a2a", flight.backward_ex)
         flight.backward_ex = None  # the buffer goes with the graph, not with the handle
         return got, None
 
 
 class _FinishAllToAll(torch.autograd.Function):
-    """Forward: wait for the exchange. Backward: start the reverse one and pass on the buffer it fills."""
+    """Forward: wait for the exchange. Backward: start the reverse one."""
 
     @staticmethod
     def forward(ctx, sent, flight):
@@ -198,7 +198,9 @@ class _FinishAllToAll(torch.autograd.Function):
         flight = ctx.flight
         send_splits, recv_splits = flight.splits
         flight.backward_ex = Exchange(grad, recv_splits, send_splits, flight.group)
-        return flight.backward_ex.out, None
+        # The start half's backward takes the exchanged gradient from the handle; what flows to it here
+        # only has to have the received shape: ``grad`` itself (read by the exchange, written by no one).
+        return grad, None
 
 
 def all_reduce_(t: torch.Tensor, group=None) -> torch.Tensor:

@@ -123,14 +123,16 @@ def test_runner_one_real_run_and_a_failing_one(tmp_path, small_data):
 
 
 def test_profiling_changes_no_result(small_data, tmp_path):
-    """--train.profile_steps only times the phases: the same loss trajectory and AUC as without it."""
+    """--train.profile_steps only times the phases: the same loss trajectory and AUC as without it. (With
+    it, --train.pipeline=true too: on one rank it is off, there being no exchange to hide.)"""
     cfg, data = small_data
     finals = []
     for profile in (0, 5):
         logs = tmp_path / f"p{profile}"
         out = run_cli("-m", "distrec.train", "--config", str(cfg), f"--data.path={data}", "--train.max_steps=5",
-                      f"--train.profile_steps={profile}", f"--logging.dir={logs}")
+                      f"--train.profile_steps={profile}", f"--logging.dir={logs}", f"--train.pipeline={str(bool(profile)).lower()}")
         assert out.returncode == 0, out.stderr
+        assert ("pipeline: off (one rank: no exchange to hide)" in out.stdout) == bool(profile)
         records = [json.loads(x) for x in (logs / "metrics.jsonl").read_text().splitlines()]
         finals.append([(r["kind"], r.get("loss"), r.get("auc")) for r in records if r["kind"] in ("train", "eval")])
         kinds = {r["kind"] for r in records}

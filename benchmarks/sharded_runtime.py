@@ -20,6 +20,7 @@ from distrec.config import load_config, table_specs
 from distrec.model.dlrm import DLRM
 from distrec.tools.data.synth import zipf_ids
 from distrec.trainer.optim import make_optimizers, sparse_spec
+from distrec.trainer.phases import EXCHANGES, PhaseTimer
 from distrec.trainer.step import train_step
 from sharding.jagged import JaggedBatch
 from sharding.optim import OptimSpec
@@ -85,32 +86,16 @@ def fused_vs_loop(steps: int) -> tuple[dict[str, float], float]:
     return fused, t_loop
 
 
-def timed_exchanges(spent: list[float]):
-    """Wrap the runtime's all-to-all so its wall time (waits included) adds up in ``spent[0]``."""
-    import sharding.comm
-    import sharding.runtime
-
-    plain = sharding.comm.exchange
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return plain(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - start
-
-    sharding.comm.exchange = sharding.runtime.exchange = timed
-
-
-def comm_rank(rank: int, world: int, steps: int) -> tuple[float, float]:
-    """(seconds per DLRM training step, seconds of it in the runtime's all-to-alls) on this rank."""
+def comm_rank(rank: int, world: int, steps: int) -> tuple[float, dict]:
+    """(seconds per DLRM training step, the step-time breakdown: phases and each all-to-all's overlap)
+    on this rank."""
     from distrec.trainer.dist import DistContext
     from distrec.data.loader import Batch
     from distrec.trainer.dense_parallel import wrap_dense
-
     tables, cfg = demo_tables()
+    timer = PhaseTimer()
     emb = ShardedEmbeddingCollection(tables, simple_plan(tables, world, "row_wise"), rank=rank, seed=0,
-                                     optim=sparse_spec(cfg.optimizer), kernel="fbgemm")
+                                     optim=sparse_spec(cfg.optimizer), kernel="fbgemm", timer=timer)
     torch.manual_seed(0)
     model = DLRM.from_config(cfg, emb)
     ddp, opts = wrap_dense(model, make_optimizers(cfg.optimizer, model),
@@ -122,12 +107,13 @@ def comm_rank(rank: int, world: int, steps: int) -> tuple[float, float]:
                for s in sparse]
     for b in batches[:3]:
         train_step(ddp, emb, opts, b, 8192)
-    spent = [0.0]
-    timed_exchanges(spent)
+    timer.rows, timer.current, timer.flights = [], {}, {}  # warm-up steps left out
     start = time.perf_counter()
     for i in range(steps):
+        began = time.perf_counter()
         train_step(ddp, emb, opts, batches[i % len(batches)], 8192)
-    return (time.perf_counter() - start) / steps, spent[0] / steps
+        timer.end_step(time.perf_counter() - began)
+    return (time.perf_counter() - start) / steps, timer.summary(0)
 
 
 def main() -> None:
@@ -136,7 +122,10 @@ def main() -> None:
     args = p.parse_args()
     fused, t_loop = fused_vs_loop(args.steps)
     per_rank = run_ranks(2, comm_rank, args.steps)
-    step, comm = max(r[0] for r in per_rank), max(r[1] for r in per_rank)
+    step = max(r[0] for r in per_rank)
+    exposed = max(sum(r[1]["ms"][x] for x in EXCHANGES) for r in per_rank) / 1e3
+    flights = {x: max(r[1]["overlap_ms"][x]["in_flight"] for r in per_rank) for x in EXCHANGES}
+    hidden = {x: max(r[1]["overlap_ms"][x]["hidden"] for r in per_rank) for x in EXCHANGES}
     print("| measure | value |\n|---|---|")
     for kernel, t in fused.items():
         print(f"| embedding fwd+bwd+Adagrad, batch 8192, 26 tables, 1 rank: fused runtime, kernel {kernel} | "
@@ -144,8 +133,10 @@ def main() -> None:
     print(f"| same, per-table nn.EmbeddingBag loop + torch Adagrad (sparse) | {t_loop * 1e3:.1f} ms |")
     print(f"| DLRM step, 2 ranks row-wise, fbgemm kernel, global batch 8192 | {step * 1e3:.1f} ms "
           f"({8192 / step:,.0f} samples/s) |")
-    print(f"| of which in the sparse all-to-alls, forward and backward (waits included, rank max) | {comm * 1e3:.1f} ms "
-          f"({comm / step:.0%}) |")
+    print(f"| of which exposed in the sparse all-to-alls (ids, pooled, gradients: starts and waits, rank max) | "
+          f"{exposed * 1e3:.1f} ms ({exposed / step:.0%}) |")
+    for x in EXCHANGES:
+        print(f"| {x}: in flight / hidden behind other work (rank max) | {flights[x]:.1f} / {hidden[x]:.1f} ms |")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,12 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 0  # 0: no limit
     device: str = "auto"  # auto | cpu | cuda
-    pipeline: bool = False  # start batch i+1's id all-to-all while batch i's dense part runs
+    # start batch i+1's id all-to-all while batch i's dense part runs; off on one rank whatever this says.
+    # Off by default: on 2 shared CPU cores (gloo) it measured slower or level (docs/benchmarks.md)
+    pipeline: bool = False
+    # run the bottom MLP while the pooled embeddings are exchanged, and its backward while their gradients
+    # are (results are the same either way; false: one after the other, to measure what the overlap buys)
+    overlap: bool = True
     log_every_steps: int = 50
     progress_bar: bool = True
     # >0: time each step's phases (data wait, all-to-alls, lookup, all-reduce, optimizer) and write their

@@ -22,6 +22,7 @@ from distrec.trainer.locks import RunLockError, lock_run_dirs, release
 from distrec.trainer.logs import MetricsLog, write_resolved_config
 from distrec.trainer.loop import report_breakdown, train_loop
 from distrec.trainer.phases import PhaseTimer
+from distrec.trainer.pipeline import pipelining
 from distrec.trainer.plan_check import report_plan_check
 from distrec.trainer.schedule import Schedule, lr_notes
 from distrec.trainer.state import Position, restore
@@ -95,7 +96,8 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
                  + describe_plan(plan, tables))
         log.info(f"embedding kernel: {embeddings.kernel} ({embeddings.kernel_reason})")
         log.info("pipeline: " + ("on: batch i+1's ids are exchanged while batch i trains (input_wait_ms in "
-                                 "metrics.jsonl shows how much of it was not hidden)" if cfg.train.pipeline else "off"))
+                                 "metrics.jsonl shows how much of it was not hidden)" if pipelining(cfg, ctx.world_size)
+                                 else "off (one rank: no exchange to hide)" if cfg.train.pipeline else "off"))
         if pos.step:
             log.info(f"resumed from {cfg.checkpoint.dir} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
     result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer, best,

@@ -1,6 +1,9 @@
 """All-to-all exchanges for the sharded runtime, differentiable where gradients flow back.
 
     out = all_to_all(flat, send_splits=[6, 2], recv_splits=[6, 4], group=None)   # autograd-aware
+    flight = AsyncAllToAll(flat, [6, 2], [6, 4], group=None)   # the same, started
+    ...                                                           # work that does not need it
+    out = flight.wait()                                           # its gradients overlap likewise
 
 With one rank (no process group) every exchange is the identity, so the runtime needs no special case.
 ``group`` is a torch.distributed process group (None: the default one) or a ``HorovodGroup``.
@@ -8,6 +11,7 @@ With one rank (no process group) every exchange is the identity, so the runtime 
 from __future__ import annotations
 
 import gc
+import time
 
 import torch
 import torch.distributed as dist
@@ -56,7 +60,8 @@ class _HorovodWork:
 
     def wait(self) -> None:
         received, _ = self.hvd.synchronize(self.handle)
-        self.out.copy_(received)
+        with torch.no_grad():  # out may be an autograd output (AsyncAllToAll): filling it is no op of the graph
+            self.out.copy_(received)
 
 
 def world_size(group) -> int:
@@ -101,6 +106,101 @@ class _AllToAll(torch.autograd.Function):
 
 def all_to_all(t: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None) -> torch.Tensor:
     return _AllToAll.apply(t, send_splits, recv_splits, group)
+
+
+class Exchange:
+    """An all-to-all started and not yet waited on (``start_exchange``), timed: after ``wait()``,
+    ``waited_s`` is how long the wait blocked and ``flight_s`` how long the exchange was in flight
+    (from its start to the end of the wait), so ``flight_s - waited_s`` of it was hidden behind other
+    work; ``call_s`` is what starting it cost.
+
+        ex = Exchange(flat, [6, 2], [6, 4], group); other_work(); received = ex.wait()
+    """
+
+    def __init__(self, t: torch.Tensor, send_splits: list[int], recv_splits: list[int], group):
+        begin = time.perf_counter()
+        self.out, self.work = start_exchange(t, send_splits, recv_splits, group)
+        self.started = time.perf_counter()
+        self.call_s, self.waited_s, self.flight_s = self.started - begin, 0.0, 0.0
+
+    def wait(self) -> torch.Tensor:
+        begin = time.perf_counter()
+        if self.work is not None:
+            self.work.wait()
+        end = time.perf_counter()
+        self.waited_s, self.flight_s = end - begin, end - self.started
+        return self.out
+
+
+class AsyncAllToAll:
+    """The differentiable all-to-all in two halves, so that work that does not depend on it runs while
+    it is in flight, in forward and in backward:
+
+        flight = AsyncAllToAll(pooled.reshape(-1), send_splits, recv_splits, group, report=None)
+        bottom = bottom_mlp(dense)          # runs while the pooled vectors fly
+        received = flight.wait()            # [sum(recv_splits)], differentiable
+
+    Backward runs the halves reversed: the gradient of ``received`` starts the reverse exchange (the
+    ``wait`` half's backward), and the gradient of the input waits for it (the start half's backward).
+    The autograd engine runs ready nodes latest-created first, so whatever was created between the two
+    halves in forward (the bottom MLP's backward, and DDP's all-reduce of its gradients) runs while the
+    gradients fly. ``report(name, exchange)``, if given, hears each finished exchange: "output_a2a"
+    (forward) and "grad_a2a" (backward). ``wait`` once: its result is the only consumer of the start.
+    """
+
+    def __init__(self, t: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None,
+                 report=None):
+        self.splits, self.group, self.report = (send_splits, recv_splits), group, report
+        self.forward_ex: Exchange | None = None
+        self.backward_ex: Exchange | None = None
+        self._sent = _StartAllToAll.apply(t, self)
+
+    def wait(self) -> torch.Tensor:
+        sent, self._sent = self._sent, None  # held by the graph from here on: no cycle through this handle
+        return _FinishAllToAll.apply(sent, self)
+
+    def _heard(self, name: str, ex: Exchange) -> None:
+        if self.report is not None:
+            self.report(name, ex)
+
+
+class _StartAllToAll(torch.autograd.Function):
+    """Forward: start the exchange, return the buffer it fills. Backward: wait for the gradients' one."""
+
+    @staticmethod
+    def forward(ctx, t, flight):
+        ctx.flight = flight
+        flight.forward_ex = Exchange(t, *flight.splits, flight.group)
+        return flight.forward_ex.out
+
+    @staticmethod
+    def backward(ctx, grad):
+        flight = ctx.flight
+        got = flight.backward_ex.wait()  # ``grad`` is a stand-in (see _FinishAllToAll.backward)
+        flight._heard("grad_a2a", flight.backward_ex)
+        flight.backward_ex = None  # the buffer goes with the graph, not with the handle
+        return got, None
+
+
+class _FinishAllToAll(torch.autograd.Function):
+    """Forward: wait for the exchange. Backward: start the reverse one."""
+
+    @staticmethod
+    def forward(ctx, sent, flight):
+        ctx.flight = flight
+        received = flight.forward_ex.wait()
+        flight._heard("output_a2a", flight.forward_ex)
+        flight.forward_ex = None
+        return received
+
+    @staticmethod
+    def backward(ctx, grad):
+        flight = ctx.flight
+        send_splits, recv_splits = flight.splits
+        flight.backward_ex = Exchange(grad, recv_splits, send_splits, flight.group)
+        # The start half's backward takes the exchanged gradient from the handle; what flows to it here
+        # only has to have the received shape: ``grad`` itself (read by the exchange, written by no one).
+        return grad, None
 
 
 def all_reduce_(t: torch.Tensor, group=None) -> torch.Tensor:

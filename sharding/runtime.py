@@ -3,6 +3,8 @@
     emb = ShardedEmbeddingCollection(tables, plan, rank=dist.get_rank(), seed=0,
                                      optim=OptimSpec("adagrad", lr=0.05), kernel="auto")
     pooled = emb(jagged_batch)            # [local batch, sum of dims], tables in order
+    # or, to run other work while the pooled vectors (and in backward their gradients) are exchanged:
+    flight = emb.start_forward(jagged_batch); bottom = bottom_mlp(dense); pooled = flight.wait()
     loss_of(pooled).backward()
     emb.sync_replica_grads()              # data-parallel tables: all-reduce their gradients
     emb.step()                            # rows not already updated inside backward
@@ -20,6 +22,11 @@ steps for all of them:
 
 A plan with the two-level exchange sends the pooled rows back within each node first, its row-wise
 partial sums added there, then once between nodes (``sharding.two_level``); the results are the same.
+
+Both exchanges are started and waited on apart: data-parallel tables are looked up while the ids fly,
+and ``start_forward`` returns with the pooled vectors in flight (``OutputDist``), so the caller's work in
+between (the DLRM's bottom MLP) hides their exchange, and in backward the exchange of their gradients.
+
 Data-parallel tables are replicas looked up locally; ``sync_replica_grads`` all-reduces their gradients.
 Gradients of sharded rows come back through the reversed all-to-all to the owner, where the fbgemm kernel
 updates the touched rows inside backward, or the plain path leaves row-sparse gradients for ``step()``
@@ -36,7 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sharding.comm import all_reduce_, all_to_all, exchange, start_exchange, world_size
+from sharding.comm import AsyncAllToAll, Exchange, all_reduce_, exchange, start_exchange, world_size
 from sharding.jagged import JaggedBatch
 from sharding.lookup import Placed, TorchLookup, choose_kernel, make_lookup
 from sharding.optim import OptimSpec
@@ -63,10 +70,28 @@ class InputDist:
     weights: torch.Tensor | None
     weights_work: object
     wait_s: float = 0.0  # how long forward waited for the exchange: ~0 when it was hidden
+    started: float = 0.0  # perf_counter() when it was started: its time in flight runs from here
 
     @property
     def batch_size(self) -> int:
         return self.sparse.batch_size
+
+
+class OutputDist:
+    """A forward whose pooled vectors are on their way back to their samples' ranks (see
+    ``ShardedEmbeddingCollection.start_forward``); ``wait()`` once for the pooled [batch, sum of dims]."""
+
+    def __init__(self, emb: "ShardedEmbeddingCollection", flight: AsyncAllToAll | None, replicas: torch.Tensor,
+                 sparse: JaggedBatch, done: torch.Tensor | None = None):
+        # ``done``: the pooled result when the exchange already completed (the two-level one is blocking)
+        self.emb, self.flight, self.replicas, self.sparse, self.done = emb, flight, replicas, sparse, done
+
+    def wait(self) -> torch.Tensor:
+        if self.done is not None:
+            return self.done
+        with torch.profiler.record_function("output_a2a_wait"):
+            received = self.flight.wait()
+        return self.emb._finish(received, self.replicas, self.sparse)
 
 
 class InputError(ValueError):
@@ -116,8 +141,7 @@ class ShardedEmbeddingCollection(nn.Module):
         return TwoLevelOutput(self.dst_shards, self.dims, self.rank, self.world,
                               ranks_per_node or plan.ranks_per_node, self.group)
 
-    def _with_replicas(self, pieces: list, sparse: JaggedBatch) -> list:
-        replicas = self._replica_lookup(sparse)
+    def _with_replicas(self, pieces: list, replicas: torch.Tensor) -> list:
         for i, piece in zip(self.replicated, torch.split(replicas, [self.dims[i] for i in self.replicated], 1)):
             pieces[i].append((0, piece))
         return pieces
@@ -234,7 +258,7 @@ class ShardedEmbeddingCollection(nn.Module):
             wsend = [torch.cat([w if w is not None else torch.ones(v.numel()) for v, w in zip(ids, wts)])
                      if ids else torch.zeros(0) for _, ids, wts in buckets]
             weights, weights_work = start_exchange(torch.cat(wsend), [w.numel() for w in wsend], id_counts, self.group)
-        return InputDist(sparse, batch_sizes, id_counts, got, work, weights, weights_work)
+        return InputDist(sparse, batch_sizes, id_counts, got, work, weights, weights_work, started=time.perf_counter())
 
     def _arrived(self, inc: InputDist):
         """Wait for the ids; (lengths, ids, weights) of the received bags in (source, shard, sample) order."""
@@ -242,7 +266,10 @@ class ShardedEmbeddingCollection(nn.Module):
         for work in (inc.work, inc.weights_work):
             if work is not None:
                 work.wait()
-        inc.wait_s = time.perf_counter() - start
+        end = time.perf_counter()
+        inc.wait_s = end - start
+        if self.timer is not None:
+            self.timer.exchange("input_a2a", end - inc.started, inc.wait_s)
         mine = len(self.dst_shards[self.rank])
         got = torch.split(inc.payload, [mine * b + n for b, n in zip(inc.batch_sizes, inc.id_counts)])
         lengths = torch.cat([g[:mine * b] for g, b in zip(got, inc.batch_sizes)])
@@ -290,27 +317,54 @@ class ShardedEmbeddingCollection(nn.Module):
         return per_table.repeat_interleave(torch.tensor(self.dims), dim=1)
 
     def _phase(self, name: str):
-        return self.timer.phase(name) if self.timer is not None else contextlib.nullcontext()
+        """Timed for the step-time breakdown when a timer is set; a label in torch.profiler traces always."""
+        label = torch.profiler.record_function(name)
+        if self.timer is None:
+            return label
+        stack = contextlib.ExitStack()
+        stack.enter_context(label)
+        stack.enter_context(self.timer.phase(name))
+        return stack
 
     def forward(self, sparse) -> torch.Tensor:
         """``sparse``: a JaggedBatch, torchrec's KeyedJaggedTensor (keys in table order), or the
-        InputDist of one already started."""
+        InputDist of one already started. The same as ``start_forward(sparse).wait()``."""
+        return self.start_forward(sparse).wait()
+
+    def start_forward(self, sparse) -> "OutputDist":
+        """Input dist, local lookup, and the output all-to-all started: ``wait()`` on the result gives
+        the pooled [batch, sum of dims]. Work done before that wait (and its backward, before the
+        gradients' wait) runs while the pooled vectors (and their gradients) are exchanged.
+
+            flight = emb.start_forward(batch.sparse); bottom = model.bottom(batch.dense); pooled = flight.wait()
+        """
         with self._phase("input_a2a"):
             inc = sparse if isinstance(sparse, InputDist) else self.start_input_dist(sparse)
+        replicas = self._replica_lookup(inc.sparse)  # local: while the ids fly
+        with self._phase("input_a2a"):
             arrived = self._arrived(inc)
-        sparse, batch = inc.sparse, inc.batch_size
         with self._phase("lookup"):
             pooled = self.local.pool(*arrived, inc.batch_sizes)  # [samples of all sources, my width]
         if self.two_level is not None:  # sharding.two_level: summed within each node, then between nodes
             with self._phase("output_a2a"):
-                pieces = self.two_level(pooled, inc.batch_sizes, batch)
-            out = assemble(self._with_replicas(pieces, sparse), batch)
-            return out / self._mean_divisor(sparse) if self.has_mean else out
+                pieces = self.two_level(pooled, inc.batch_sizes, inc.batch_size)
+            out = assemble(self._with_replicas(pieces, replicas), inc.batch_size)
+            return OutputDist(self, None, replicas, inc.sparse,
+                              done=out / self._mean_divisor(inc.sparse) if self.has_mean else out)
         w_mine = self.recv_width[self.rank]
-        with self._phase("output_a2a"):
-            received = all_to_all(pooled.reshape(-1), [b * w_mine for b in inc.batch_sizes],
-                                  [batch * w for w in self.recv_width], self.group)
-        out = self._combine(received, self._replica_lookup(sparse), batch)
+        flight = AsyncAllToAll(pooled.reshape(-1), [b * w_mine for b in inc.batch_sizes],
+                               [inc.batch_size * w for w in self.recv_width], self.group,
+                               report=self._exchanged if self.timer is not None else None)
+        return OutputDist(self, flight, replicas, inc.sparse)
+
+    def _exchanged(self, name: str, ex: Exchange) -> None:
+        """An all-to-all of pooled vectors (forward) or their gradients (backward) has arrived: its
+        exposed time (start and wait) is phase ``name``, and its overlap is recorded."""
+        self.timer.add(name, ex.call_s + ex.waited_s)
+        self.timer.exchange(name, ex.flight_s, ex.waited_s)
+
+    def _finish(self, received: torch.Tensor, replicas: torch.Tensor, sparse: JaggedBatch) -> torch.Tensor:
+        out = self._combine(received, replicas, sparse.batch_size)
         return out / self._mean_divisor(sparse) if self.has_mean else out
 
     # ---- gradients of replicas --------------------------------------------------------------------

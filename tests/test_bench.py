@@ -10,8 +10,11 @@ from distrec.tools.bench.report import write_report
 from distrec.tools.bench.runner import Bench
 from tests.conftest import run_cli
 
-PHASES = {"data_wait": 1.0, "input_a2a": 5.0, "lookup": 3.0, "output_a2a": 4.0, "grad_allreduce": 2.0,
-          "optimizer": 1.5, "dense_fwd_bwd": 10.0, "step": 24.5}
+PHASES = {"data_wait": 1.0, "input_a2a": 5.0, "lookup": 3.0, "output_a2a": 4.0, "grad_a2a": 1.0, "grad_allreduce": 2.0,
+          "optimizer": 1.5, "dense_fwd_bwd": 9.0, "step": 24.5}
+OVERLAP = {"input_a2a": {"in_flight": 4.0, "waited": 3.0, "hidden": 1.0},
+           "output_a2a": {"in_flight": 6.0, "waited": 2.5, "hidden": 3.5},
+           "grad_a2a": {"in_flight": 5.0, "waited": 0.5, "hidden": 4.5}}
 
 
 def run(engine: str, strategy: str, ranks: int, batch: int = 2048, sps: float = 10_000.0, repeat: int = 0,
@@ -23,7 +26,7 @@ def run(engine: str, strategy: str, ranks: int, batch: int = 2048, sps: float = 
            "logloss": 0.40, "measured_step_ms": 1e3 * batch / sps, "peak_rss_bytes": [6e8] * ranks,
            "eval_curve": [[batch * 10, 0.6], [batch * 20, 0.7]]}
     if engine == "sync":
-        out.update(breakdown_ms=dict(PHASES), estimated_step_ms=30.0)
+        out.update(breakdown_ms=dict(PHASES), overlap_ms=copy.deepcopy(OVERLAP), estimated_step_ms=30.0)
     return {**out, **extra}
 
 
@@ -56,6 +59,8 @@ def test_report_headline_is_traceable_and_plots_exist(tmp_path):
     assert "| demo | planner | 2 | 17,000 | 8,000 | 2.12 |" in readme  # the peer table, every matched config
     assert "Test CPU 9000, 2 cores" in readme and "torch 2.13.0" in readme
     assert "MODELLED" in readme and "| 64 | 8 |" in readme
+    assert "| input_a2a | output_a2a | grad_a2a |" in readme  # the overlap table: in flight / waited / hidden
+    assert "| demo-sync-planner-r2-b2048 | 4.0 / 3.0 / 1.0 | 6.0 / 2.5 / 3.5 | 5.0 / 0.5 / 4.5 |" in readme
     for name in ("throughput_vs_ranks", "step_breakdown", "auc_vs_samples", "estimate_vs_measured", "projection"):
         png = tmp_path / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
@@ -118,18 +123,24 @@ def test_runner_one_real_run_and_a_failing_one(tmp_path, small_data):
 
 
 def test_profiling_changes_no_result(small_data, tmp_path):
-    """--train.profile_steps only times the phases: the same loss trajectory and AUC as without it."""
+    """--train.profile_steps only times the phases: the same loss trajectory and AUC as without it. (With
+    it, --train.pipeline=true too: on one rank it is off, there being no exchange to hide.)"""
     cfg, data = small_data
     finals = []
     for profile in (0, 5):
         logs = tmp_path / f"p{profile}"
         out = run_cli("-m", "distrec.train", "--config", str(cfg), f"--data.path={data}", "--train.max_steps=5",
-                      f"--train.profile_steps={profile}", f"--logging.dir={logs}")
+                      f"--train.profile_steps={profile}", f"--logging.dir={logs}", f"--train.pipeline={str(bool(profile)).lower()}")
         assert out.returncode == 0, out.stderr
+        assert ("pipeline: off (one rank: no exchange to hide)" in out.stdout) == bool(profile)
         records = [json.loads(x) for x in (logs / "metrics.jsonl").read_text().splitlines()]
         finals.append([(r["kind"], r.get("loss"), r.get("auc")) for r in records if r["kind"] in ("train", "eval")])
         kinds = {r["kind"] for r in records}
         assert ("breakdown" in kinds) == bool(profile)
+        for r in (r for r in records if r["kind"] == "breakdown"):
+            assert "grad_a2a" in r["ms"] and set(r["overlap_ms"]) == {"input_a2a", "output_a2a", "grad_a2a"}
+            for x in r["overlap_ms"].values():  # timings are not asserted, their relation is
+                assert 0 <= x["waited"] <= x["in_flight"] and abs(x["hidden"] - (x["in_flight"] - x["waited"])) < 1e-9
     assert finals[0] == finals[1]
 
 

@@ -4,7 +4,10 @@ optionally DeepFM's factorization machine added to the logit.
     model = DLRM.from_config(cfg, ShardedEmbeddingCollection(tables, plan, rank=0))
     logits = model(batch.dense, batch.sparse)       # [batch]
 
-With no dense features the bottom MLP is absent and only the embeddings interact. Every option off
+With no dense features the bottom MLP is absent and only the embeddings interact. With ``overlap`` (the
+default) and an embedding part that can leave its exchange in flight (``start_forward``: the sharded
+runtime), the bottom MLP runs while the pooled embeddings are exchanged, and its backward while their
+gradients are. Every option off
 (dropout 0, norm "none", fm False, init "default") builds exactly the modules, in the same order, that
 the model had before they existed: the same parameters for a seed and the same state_dict keys.
 """
@@ -127,13 +130,17 @@ class DLRM(nn.Module):
     then the top's); see ``mlp`` for ``norm`` and ``init_linears_`` for ``init``.
 
         DLRM(13, embeddings, [64, 16], [64, 32], "cat", dropout=0.1, norm="layer", fm=True)
+
+    ``overlap``: run the bottom MLP while the pooled embeddings are exchanged (same results either way).
     """
 
     def __init__(self, num_dense: int, embeddings: EmbeddingPart, bottom_mlp: list[int], top_mlp: list[int],
                  interaction: str = "dot", dcn_layers: int = 2, dcn_low_rank: int = 0,
-                 dropout: float | list[float] = 0.0, norm: str = "none", fm: bool = False, init: str = "default"):
+                 dropout: float | list[float] = 0.0, norm: str = "none", fm: bool = False, init: str = "default",
+                 overlap: bool = True):
         super().__init__()
         self.embeddings = embeddings
+        self.overlap = overlap
         n_bottom = len(bottom_mlp) if num_dense else 0
         rates = list(dropout) if isinstance(dropout, list) else [dropout] * (n_bottom + len(top_mlp))
         self.bottom = mlp([num_dense, *bottom_mlp], True, norm, rates[:n_bottom]) if num_dense else None
@@ -157,14 +164,27 @@ class DLRM(nn.Module):
     def from_config(cfg: Config, embeddings: EmbeddingPart) -> "DLRM":
         m = cfg.model
         return DLRM(len(cfg.schema.dense), embeddings, m.bottom_mlp, m.top_mlp, m.interaction,
-                    m.dcn_layers, m.dcn_low_rank, dropout_rates(cfg), m.norm, m.fm, m.init)
+                    m.dcn_layers, m.dcn_low_rank, dropout_rates(cfg), m.norm, m.fm, m.init, cfg.train.overlap)
+
+    def _bottom(self, dense: torch.Tensor) -> torch.Tensor | None:
+        if self.bottom is None:
+            return None
+        with torch.profiler.record_function("bottom_mlp"):
+            return self.bottom(dense)
 
     def dense_parameters(self) -> list[nn.Parameter]:
         skip = {id(p) for p in self.embeddings.parameters()}
         return [p for p in self.parameters() if id(p) not in skip]
 
     def forward(self, dense: torch.Tensor, sparse: JaggedBatch) -> torch.Tensor:
-        bottom = self.bottom(dense) if self.bottom is not None else None
-        pooled = self.embeddings(sparse)
+        start = getattr(self.embeddings, "start_forward", None) if self.overlap else None
+        if start is not None:
+            # Created between the exchange's start and its wait, the bottom MLP's autograd nodes are also
+            # run between the gradients' exchange start and wait in backward (see sharding.comm.AsyncAllToAll).
+            flight = start(sparse)
+            bottom = self._bottom(dense)
+            pooled = flight.wait()
+        else:
+            bottom, pooled = self._bottom(dense), self.embeddings(sparse)
         logit = self.top(self.interaction(bottom, pooled, self.dim)).squeeze(1)
         return logit if self.fm is None else logit + self.fm(pooled, self.dim)

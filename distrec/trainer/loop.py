@@ -18,7 +18,7 @@ from distrec.trainer.dist import DistContext, all_gather_object
 from distrec.trainer.evaluate import evaluate
 from distrec.trainer.logs import MetricsLog
 from distrec.trainer.phases import PhaseTimer, TimedOptimizer
-from distrec.trainer.pipeline import pipelined
+from distrec.trainer.pipeline import pipelined, pipelining
 from distrec.trainer.schedule import Schedule
 from distrec.trainer.state import Position, training_state
 from distrec.trainer.step import train_step
@@ -35,9 +35,10 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
     stopped = lambda: best is not None and best.stopped  # noqa: E731
     schedule = schedule or Schedule(cfg.optimizer)
     step_opts = [TimedOptimizer(o, timer) for o in optimizers] if timer is not None else optimizers
+    pipeline = pipelining(cfg, ctx.world_size)
     while pos.step < total and not stopped():
         batches = (b.to(ctx.device) for b in train_loader.epoch(pos.epoch, pos.batch))
-        if cfg.train.pipeline:
+        if pipeline:
             batches = pipelined(batches, model.embeddings)
         for batch in (timer.timed_iter(batches) if timer is not None else batches):
             global_size = min(G, train_loader.num_rows - pos.batch * G)
@@ -53,7 +54,7 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
             last = pos.step >= total
             if pos.step % cfg.train.log_every_steps == 0 or last:
                 log.train_window(pos.step, samples_seen(pos, train_loader), *window.close(ctx, since_log),
-                                 pipelined=cfg.train.pipeline)
+                                 pipelined=pipeline)
                 since_log = 0
             with window.paused():
                 evaluated = bool(cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0 and not last)
@@ -68,7 +69,7 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
             pos.epoch, pos.batch = pos.epoch + 1, 0
     if stopped() and since_log:  # the steps since the last train record, as `last` would have logged them
         log.train_window(pos.step, samples_seen(pos, train_loader), *window.close(ctx, since_log),
-                         pipelined=cfg.train.pipeline)
+                         pipelined=pipeline)
     if not stopped():  # an early stop has just evaluated and saved this model
         result = evaluation(cfg, ctx, model, optimizers, eval_loader, pos, log, best, schedule, final=True)
     return {**result, "step": pos.step,
@@ -105,11 +106,13 @@ def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position, 
 
 
 def report_breakdown(cfg: Config, ctx: DistContext, timer: PhaseTimer, log: MetricsLog) -> None:
-    """Collective: each rank's mean ms per phase; rank 0 writes {"kind": "breakdown"} with the mean over
-    ranks and every rank's own numbers."""
+    """Collective: each rank's mean ms per phase and per exchange's overlap (in flight, waited, hidden);
+    rank 0 writes {"kind": "breakdown"} with the means over ranks and every rank's own numbers."""
     per_rank = all_gather_object(timer.summary(cfg.train.profile_steps), ctx)
     if ctx.is_main:
-        phases = per_rank[0]["ms"].keys()
-        mean = {k: sum(r["ms"][k] for r in per_rank) / len(per_rank) for k in phases}
-        log.record({"kind": "breakdown", "steps": per_rank[0]["steps"], "ms": mean,
-                    "ranks": [r["ms"] for r in per_rank]})
+        mean = lambda values: sum(values) / len(per_rank)  # noqa: E731
+        ms = {k: mean(r["ms"][k] for r in per_rank) for k in per_rank[0]["ms"]}
+        overlap = {name: {k: mean(r["overlap_ms"][name][k] for r in per_rank) for k in fields}
+                   for name, fields in per_rank[0]["overlap_ms"].items()}
+        log.record({"kind": "breakdown", "steps": per_rank[0]["steps"], "ms": ms, "overlap_ms": overlap,
+                    "ranks": [r["ms"] for r in per_rank], "ranks_overlap_ms": [r["overlap_ms"] for r in per_rank]})

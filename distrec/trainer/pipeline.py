@@ -32,6 +32,15 @@ class PipelinedBatch:
         return self.sparse.wait_s
 
 
+def pipelining(cfg, world_size: int) -> bool:
+    """Whether batches are pipelined: ``train.pipeline``, and more than one rank (on one the exchanges
+    are the identity: nothing would be hidden).
+
+        if pipelining(cfg, ctx.world_size): batches = pipelined(batches, model.embeddings)
+    """
+    return cfg.train.pipeline and world_size > 1
+
+
 def pipelined(batches: Iterator[Batch], embeddings) -> Iterator[PipelinedBatch]:
     """Batch i+1's ids travel to their shards while batch i trains (what TorchRec's
     TrainPipelineSparseDist does). Every rank starts the same exchanges in the same order, so results

@@ -38,6 +38,8 @@ def parse_run(spec: RunSpec, run_dir: Path, output: str) -> dict:
                        measured_tables_bytes=[x["measured_tables_bytes"] for x in r["ranks"]])
         elif r["kind"] == "breakdown":
             out.update(breakdown_ms=r["ms"], breakdown_steps=r["steps"])
+            if "overlap_ms" in r:  # {exchange: {"in_flight", "waited", "hidden"}}
+                out["overlap_ms"] = r["overlap_ms"]
         elif r["kind"] == "train" and "staleness_mean" in r:
             out.update(staleness_mean=r["staleness_mean"], staleness_p99=r.get("staleness_p99"))
     return out

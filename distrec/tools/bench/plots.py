@@ -10,7 +10,8 @@ from distrec.tools.bench.summary import Group, models, strong_batch
 
 ENGINE_LABEL = {"sync": "distrec sync (torchrun)", "horovod": "distrec + Horovod", "torchrec": "TorchRec DMP",
                 "ps": "async PS (CPU)"}
-PHASE_ORDER = ("data_wait", "input_a2a", "lookup", "output_a2a", "dense_fwd_bwd", "grad_allreduce", "optimizer")
+PHASE_ORDER = ("data_wait", "input_a2a", "lookup", "output_a2a", "dense_fwd_bwd", "grad_a2a", "grad_allreduce",
+               "optimizer")
 
 
 def pyplot():
@@ -82,6 +83,12 @@ def breakdown(groups: dict[str, Group], out: Path) -> str:
     ax.set_title("step-time breakdown (sync engines)")
     ax.legend(fontsize=7, loc="lower right")
     return save(fig, out, "step_breakdown.png")
+
+
+def median_overlap(g: Group, exchange: str, field: str) -> float:
+    """The median over repeats of one exchange's "in_flight", "waited" or "hidden" ms per step."""
+    values = sorted(r["overlap_ms"].get(exchange, {}).get(field, 0.0) for r in g.ok)
+    return values[len(values) // 2]
 
 
 def median_phase(g: Group, phase: str) -> float:

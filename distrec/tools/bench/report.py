@@ -147,6 +147,23 @@ def breakdown_table(groups: dict[str, Group]) -> list[str]:
     for g in rows:
         cells = [fmt(median_phase(g, p), 1) for p in (*PHASE_ORDER, "step")]
         lines.append(f"| {g.key} | " + " | ".join(cells) + " |")
+    return lines + ["", *overlap_table(rows)]
+
+
+def overlap_table(groups: list[Group]) -> list[str]:
+    """Per exchange: ms per step in flight / waited for (exposed, in the breakdown) / hidden behind other work."""
+    from distrec.tools.bench.plots import median_overlap
+    from distrec.trainer.phases import EXCHANGES
+
+    rows = [g for g in groups if all("overlap_ms" in r for r in g.ok)]
+    if not rows:
+        return []
+    lines = ["All-to-all overlap, ms per step, in flight / waited / hidden (hidden = in flight - waited):", "",
+             "| configuration | " + " | ".join(EXCHANGES) + " |", "|---|" + "---|" * len(EXCHANGES)]
+    for g in rows:
+        cells = [" / ".join(fmt(median_overlap(g, x, k), 1) for k in ("in_flight", "waited", "hidden"))
+                 for x in EXCHANGES]
+        lines.append(f"| {g.key} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -195,11 +212,14 @@ def method_section(doc: dict) -> list[str]:
             "- Breakdown (`--train.profile_steps`, sync engines): data wait (loader), input all-to-all (routing "
             "ids to their shards and the id exchange incl. its wait; at 1 rank only the routing), lookup (local "
             "pooled lookup of sharded tables, forward; replicated tables' lookups are in dense forward/backward), "
-            "output all-to-all (forward), gradient "
+            "output all-to-all (forward), embedding-gradient all-to-all (backward), gradient "
             "all-reduce (DDP buckets call-to-completion, overlapping backward; plus data-parallel tables' "
             "all-reduce), optimizer (`step()` of dense and sparse optimizers; under Horovod it includes waiting "
             "for the gradient all-reduce), dense forward/backward = the rest of the step: MLPs, interaction, "
-            "loss and **the embeddings' backward** (reverse all-to-all and fused row update are attributed here).",
+            "loss and the embeddings' fused row update in backward. An all-to-all's phase is its exposed time "
+            "(starting it and waiting for it); the overlap table gives each one's time in flight, of which the rest of the "
+            "step hid all but the wait (the bottom MLP and its backward run while the pooled vectors and their "
+            "gradients fly; pipelined, the ids fly while the previous step trains).",
             "- Peak memory: `ru_maxrss` of each rank process (Python, torch, loader included).",
             "- Planner estimate: the `cpu` preset's step time for the plan each run used (the trainer's plan "
             "check; calibrated if `distrec plan --calibrate` rates were present).",

@@ -65,6 +65,7 @@ class CpuTBE(TableBatchedEmbedding):
         if why:
             raise RuntimeError(f"CpuTBE cannot run here: {why}")
         module, _ = load()
+        self.kernel_module = module
         self.shapes, self.optim = [(int(r), int(w)) for r, w in shapes], optim
         self.kernel = module.Kernel([r for r, _ in self.shapes], [w for _, w in self.shapes])
         self._code = {"sgd": module.SGD, "adagrad": module.ADAGRAD, "rowwise_adagrad": module.ROWWISE_ADAGRAD,
@@ -74,9 +75,16 @@ class CpuTBE(TableBatchedEmbedding):
         for rows, width in self.shapes:
             self._row_starts.append(self._row_starts[-1] + rows)
             self._weight_starts.append(self._weight_starts[-1] + rows * width)
-        self.register_buffer("weights", torch.empty(self._weight_starts[-1], dtype=torch.float32))
+        self.register_buffer("weights", self._buffer(self._weight_starts[-1]))
         self._init_weights()
         self._init_state()
+
+    def _buffer(self, numel: int) -> torch.Tensor:
+        """Zeros on huge pages where the kernel grants them (before the first touch): the lookups and
+        updates read rows at random, and 4 KiB pages would miss the TLB on almost every row."""
+        flat = torch.empty(numel, dtype=torch.float32)
+        self.kernel_module.advise_huge_pages(flat)
+        return flat.zero_()
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -90,9 +98,9 @@ class CpuTBE(TableBatchedEmbedding):
         names = state_names(self.optim.kind)
         for name in ("sum", "exp_avg", "exp_avg_sq"):
             if name in names:
-                self.register_buffer(name, torch.zeros(self._weight_starts[-1], dtype=torch.float32))
+                self.register_buffer(name, self._buffer(self._weight_starts[-1]))
         if "row_sum" in names:
-            self.register_buffer("row_sum", torch.zeros(self._row_starts[-1], dtype=torch.float32))
+            self.register_buffer("row_sum", self._buffer(self._row_starts[-1]))
         if "step" in names:  # float32 as in SparseOptimizer
             self.register_buffer("step", torch.zeros((), dtype=torch.float32))
 

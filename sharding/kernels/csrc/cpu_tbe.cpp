@@ -15,8 +15,10 @@
 // sorted positions of all tables, split evenly over the threads, are walked run by run (a run: the
 // occurrences of one row): each row's gradient is summed into a small local buffer, the optimizer applied,
 // and the row and its state read and written once. No dense gradient is formed.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <sys/mman.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <atomic>
@@ -38,8 +40,27 @@ constexpr int RADIX_BITS = 8;
 constexpr int RADIX_BUCKETS = 1 << RADIX_BITS;
 constexpr int MAX_RADIX_PASSES = 4;              // 32-bit keys
 
-inline void prefetch_row(const float* row, int64_t width) {
-  for (int64_t j = 0; j < width; j += FLOATS_PER_LINE) __builtin_prefetch(row + j, 1, 0);
+// A row about to be read (forward) or read and written (the update), one prefetch per cache line.
+inline void prefetch_read(const float* row, int64_t width) {
+  for (int64_t j = 0; j < width; j += FLOATS_PER_LINE) __builtin_prefetch(row + j, 0, 3);
+}
+inline void prefetch_write(const float* row, int64_t width) {
+  for (int64_t j = 0; j < width; j += FLOATS_PER_LINE) __builtin_prefetch(row + j, 1, 3);
+}
+
+constexpr uintptr_t HUGE_PAGE_BYTES = 2 << 20;
+
+// Asks the kernel for 2 MiB pages under a buffer not yet touched (transparent huge pages in "madvise"
+// mode): random row gathers over a large table then miss the TLB far less. Returns whether it was taken.
+bool advise_huge_pages(const at::Tensor& t) {
+  uintptr_t lo = (reinterpret_cast<uintptr_t>(t.data_ptr()) + HUGE_PAGE_BYTES - 1) & ~(HUGE_PAGE_BYTES - 1);
+  uintptr_t hi = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) & ~(HUGE_PAGE_BYTES - 1);
+  if (hi <= lo) return false;
+#ifdef MADV_HUGEPAGE
+  return madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) == 0;
+#else
+  return false;
+#endif
 }
 
 // Stable sort of (keys, vals)[0, n) by key; the result is in keys/vals. kt/vt: scratch of n.
@@ -137,7 +158,7 @@ class Kernel {
         for (int64_t p = off[k]; p < off[k + 1]; ++p) {
           if (p + PREFETCH_AHEAD < table_end) {
             uint64_t ahead = idx[p + PREFETCH_AHEAD];
-            if (ahead < uint64_t(rows)) prefetch_row(Wt + ahead * d, d);
+            if (ahead < uint64_t(rows)) prefetch_read(Wt + ahead * d, d);
           }
           const uint64_t id = idx[p];
           if (id >= uint64_t(rows)) {
@@ -293,18 +314,24 @@ class Kernel {
       const uint32_t id = keys_[p];
       int64_t end = p + 1;
       while (end < tend && keys_[end] == id) ++end;
-      if (p + PREFETCH_AHEAD < tend) prefetch_rows(u, t, keys_[p + PREFETCH_AHEAD]);
+      if (p + PREFETCH_AHEAD < tend) prefetch_rows(u, t, p + PREFETCH_AHEAD);
       update_row(u, t, id, p, end, g);
       p = end;
     }
   }
 
-  void prefetch_rows(const Update& u, int64_t t, uint32_t id) const {
-    const int64_t d = widths_[t], at = weight_offsets_[t] + int64_t(id) * d;
-    prefetch_row(u.W + at, d);
-    if (u.S1) prefetch_row(u.S1 + at, d);
-    if (u.S2) prefetch_row(u.S2 + at, d);
-    if (u.RS) __builtin_prefetch(u.RS + row_offsets_[t] + id, 1, 0);
+  // The rows the id at sorted position q reads: its gradient row (random: bags come in row order) and,
+  // at a run's head, the weight row and its state.
+  void prefetch_rows(const Update& u, int64_t t, int64_t q) const {
+    const int64_t d = widths_[t], id = keys_[q], at = weight_offsets_[t] + id * d;
+    const uint32_t pos = vals_[q];
+    prefetch_read(u.grad + int64_t(bag_of_[pos]) * u.ld + col_offsets_[t], d);
+    if (u.pw) __builtin_prefetch(u.pw + pos + base_, 0, 3);
+    if (keys_[q - 1] == keys_[q]) return;  // q > 0 here; not a head: its row is prefetched already
+    prefetch_write(u.W + at, d);
+    if (u.S1) prefetch_write(u.S1 + at, d);
+    if (u.S2) prefetch_write(u.S2 + at, d);
+    if (u.RS) __builtin_prefetch(u.RS + row_offsets_[t] + id, 1, 3);
   }
 
   // One row: g = sum over its occurrences [p, end) of psw * grad[bag, table cols] (+ l2 * w), then the rule
@@ -380,6 +407,7 @@ class Kernel {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "distrec's CPU table-batched embedding kernels (sharding/kernels/cpu_tbe.py wraps them)";
+  m.def("advise_huge_pages", &advise_huge_pages, pybind11::arg("tensor"));
   m.attr("SGD") = int64_t(SGD);
   m.attr("ADAGRAD") = int64_t(ADAGRAD);
   m.attr("ROWWISE_ADAGRAD") = int64_t(ROWWISE_ADAGRAD);

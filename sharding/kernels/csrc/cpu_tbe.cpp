@@ -314,8 +314,7 @@ class Kernel {
       const uint32_t id = keys_[p];
       int64_t end = p + 1;
       while (end < tend && keys_[end] == id) ++end;
-      if (p + PREFETCH_AHEAD < tend) prefetch_rows(u, t, p + PREFETCH_AHEAD);
-      update_row(u, t, id, p, end, g);
+      update_row(u, t, id, p, end, tend, g);
       p = end;
     }
   }
@@ -337,10 +336,13 @@ class Kernel {
   // One row: g = sum over its occurrences [p, end) of psw * grad[bag, table cols] (+ l2 * w), then the rule
   // of sharding.optim, with the same operations in the same association (a multiply then an add: the
   // extension is compiled with -ffp-contract=off).
-  void update_row(const Update& u, int64_t t, uint32_t id, int64_t p, int64_t end, float* __restrict__ g) const {
+  // tend: the end of table t's positions (what is prefetched, PREFETCH_AHEAD positions on, stays in it).
+  void update_row(const Update& u, int64_t t, uint32_t id, int64_t p, int64_t end, int64_t tend,
+                  float* __restrict__ g) const {
     const int64_t d = widths_[t], c0 = col_offsets_[t];
     for (int64_t j = 0; j < d; ++j) g[j] = 0.0f;
     for (int64_t q = p; q < end; ++q) {
+      if (q + PREFETCH_AHEAD < tend) prefetch_rows(u, t, q + PREFETCH_AHEAD);  // every position, once
       const uint32_t pos = vals_[q];
       const float* __restrict__ gr = u.grad + int64_t(bag_of_[pos]) * u.ld + c0;
       if (u.pw) {

@@ -6,6 +6,8 @@ tests need it and fail, saying how to build it, when it is missing.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from sharding.kernels import cpu_tbe
 from sharding.kernels.cpu_tbe import CpuTBE
 from sharding.lookup import choose_kernel
 from sharding.optim import KINDS, OptimSpec, state_names
+from tests.conftest import run_cli
 from tests.tbe_reference import (BATCH, MAX_BAG, OPTIM, SHAPES, UNTOUCHED, Reference, assert_same_states,
                                  assert_same_tables, check_sharded_collection_matches_torch_kernel, make_batch,
                                  train_step, train_three_steps_against)
@@ -203,3 +206,16 @@ def test_without_the_extension_auto_falls_back_and_says_why(monkeypatch):
 def test_sharded_collection_with_cpu_kernel_matches_torch_kernel(kind):
     """The runtime's lookup on the CPU kernel (one rank, a mixed plan, mean tables) against its plain one."""
     check_sharded_collection_matches_torch_kernel("cpu", kind)
+
+
+def test_benchmark_runs_and_prints_a_row_per_config():
+    """benchmarks/cpu_tbe.py --quick on 2 small tables (its own process); the 1e6-row config does not fit
+    the --mem-gb given and is listed as skipped."""
+    result = run_cli("benchmarks/cpu_tbe.py", "--quick", "--tables", "2", "--batch", "64", "--repeats", "1",
+                     "--mem-gb", "0.5", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^\| (\d+) \| [0-9.e+]+ \| (\d+) \| (uniform|zipf) \| \w+ \| ([0-9.]+) \| [0-9.]+ \| [0-9.]+ \| "
+                      r"[0-9.]+ \| [0-9.]+ \| \d+% \|$", result.stdout, re.M)
+    assert len(rows) == 15, result.stdout
+    assert re.search(r"^\| 64 \| 1e\+06 \| 1 \| uniform \| rowwise_adagrad \| skipped: needs", result.stdout, re.M)
+    assert re.search(r"measured memory bandwidth \(copy\): [0-9.]+ GB/s", result.stdout)

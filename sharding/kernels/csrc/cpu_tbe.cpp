@@ -3,18 +3,19 @@
 //
 //     kernel = _cpu_tbe.Kernel([1000, 50], [16, 8])          # rows and width of each table
 //     out = kernel.forward(weights, indices, offsets, None)   # [B, 24]
-//     kernel.backward_update(weights, grad, indices, offsets, None, OPTIM_ADAGRAD, lr, eps, ...)
+//     kernel.backward_update(weights, grad, indices, offsets, None, _cpu_tbe.ADAGRAD, lr, eps, ...)
 //
 // Layout: every table's rows in one flat fp32 buffer (table t at element weight_offsets[t], row-major
 // [rows, width]); "row_col" optimizer state shaped the same, "row" state one value per row of all tables.
 // Bags are table-major: bag j of table t is indices[offsets[t*B+j] : offsets[t*B+j+1]].
 //
 // Backward: per table (tables in parallel), the (row id, position) pairs are sorted by id: a counting
-// sort when the table has no more rows than the batch has ids, else an LSD radix sort on 8-bit digits,
+// sort when the table's largest id is below its number of ids, else an LSD radix sort on 8-bit digits,
 // stable, so a row's occurrences stay in position order and its gradient sums in a fixed order. Then the
 // sorted positions of all tables, split evenly over the threads, are walked run by run (a run: the
 // occurrences of one row): each row's gradient is summed into a small local buffer, the optimizer applied,
-// and the row and its state read and written once. No dense gradient is formed.
+// and the row and its state read and written once. No dense gradient is formed. Random row reads are
+// prefetched PREFETCH_AHEAD ids ahead, and the Python side puts the tables on huge pages (TLB misses).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <sys/mman.h>

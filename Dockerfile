@@ -71,7 +71,8 @@ RUN pip install cloudpickle psutil pyyaml packaging \
 # The checkout stays in the image as the working directory, so launch/ and configs/ resolve from it.
 WORKDIR /opt/distrec
 COPY . .
-RUN pip install --no-deps . && pip install -c /tmp/constraints.txt numpy pyarrow tomli-w matplotlib  # matplotlib: distrec bench plots
+# --no-build-isolation: setup.py builds distrec's C++ CPU kernel against the torch installed above.
+RUN pip install --no-deps --no-build-isolation . && pip install -c /tmp/constraints.txt numpy pyarrow tomli-w matplotlib  # matplotlib: distrec bench plots
 
 # Exits 1 on a known-bad version set, a package that fails to load, or the CUDA fbgemm-gpu with no GPU
 # visible (a container started without --gpus).

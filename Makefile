@@ -12,12 +12,13 @@ DEMO_DIR ?= runs/demo
 install: $(STAMP)
 
 # The stamp depends on the files that define the install, so a second `make install` is a no-op.
-$(STAMP): constraints.txt setup.cfg pyproject.toml
+$(STAMP): constraints.txt setup.cfg setup.py pyproject.toml sharding/kernels/csrc/cpu_tbe.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0 fbgemm-gpu-cpu==1.8.0 \
 		torchmetrics tensordict pyre-extensions tqdm numpy pyarrow tomli-w pytest triton matplotlib
 	# --no-deps: torchrec's metadata asks for the CUDA fbgemm-gpu, which must never land on a CPU machine.
 	$(PIP) install -q --no-deps -c constraints.txt torchrec==1.8.0
+	# Builds distrec's C++ CPU kernel in place (setup.py; optional: the install goes on if it fails).
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(VENV)/bin/distrec doctor
 	touch $(STAMP)

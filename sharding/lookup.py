@@ -11,8 +11,8 @@ layout a table-batched kernel takes.
 
 - ``TorchLookup``: ``F.embedding_bag(sparse=True)`` once per shard width, then ``SparseOptimizer`` on the
   row-sparse gradients after backward. Needs torch only; the reference the others are tested against.
-- ``BatchedLookup``: one ``TableBatchedEmbedding`` kernel call for all shards (fbgemm's op, or distrec's
-  Triton kernels), which updates the rows inside backward.
+- ``BatchedLookup``: one ``TableBatchedEmbedding`` kernel call for all shards (distrec's C++ CPU kernel,
+  fbgemm's op, or distrec's Triton kernels), which updates the rows inside backward.
 """
 from __future__ import annotations
 
@@ -143,6 +143,10 @@ class BatchedLookup(nn.Module):
             from sharding.kernels.triton_tbe import TritonTBE
 
             self.tbe = TritonTBE(shapes, optim, device=device)
+        elif kernel == "cpu":
+            from sharding.kernels.cpu_tbe import CpuTBE
+
+            self.tbe = CpuTBE(shapes, optim, device)
         else:
             from sharding.kernels.fbgemm import FbgemmTBE
 
@@ -169,8 +173,13 @@ class BatchedLookup(nn.Module):
 
 def choose_kernel(kernel: str, shapes: list[tuple[int, int]], optim: OptimSpec | None,
                   device: torch.device) -> tuple[str, str]:
-    """(kernel to use, why). "auto": fbgemm's op where it can run these shapes; else, on CUDA, distrec's
-    Triton kernels; else torch. An explicit kernel that cannot run is an error saying why."""
+    """(kernel to use, why). "auto": on a CPU device distrec's C++ CPU kernel where it is built; else fbgemm's
+    op where it can run these shapes; else, on CUDA, distrec's Triton kernels; else torch. An explicit kernel
+    that cannot run is an error saying why.
+
+        choose_kernel("auto", [(1000, 16)], OptimSpec("adagrad", 0.05), torch.device("cpu"))
+        # ("cpu", "distrec's CPU kernel ..."), or ("fbgemm", "...; not cpu: <why>") where it is not built
+    """
     if kernel not in KERNELS:
         raise ValueError(f"unknown embedding kernel {kernel!r}; expected one of {', '.join(KERNELS)}")
     if kernel == "torch":
@@ -179,13 +188,19 @@ def choose_kernel(kernel: str, shapes: list[tuple[int, int]], optim: OptimSpec |
         if kernel != "auto":
             raise ValueError(f"embedding kernel {kernel} fuses the optimizer into backward: give optim")
         return "torch", "no optimizer given (forward only)"
-    from sharding.kernels import fbgemm, triton_tbe
+    from sharding.kernels import cpu_tbe, fbgemm, triton_tbe
 
     why_not = {}
+    # Before fbgemm on CPU: any width, Adam and L2 too, and a backward several times faster (benchmarks/cpu_tbe.py).
+    if kernel == "cpu" or (kernel == "auto" and device.type == "cpu"):
+        why_not["cpu"] = cpu_tbe.unsupported(shapes, optim, device)
+        if why_not["cpu"] is None:
+            return "cpu", "distrec's CPU kernel (C++) with the optimizer fused into backward"
     if kernel in ("auto", "fbgemm"):
         why_not["fbgemm"] = fbgemm.unsupported(shapes, optim, device)
         if why_not["fbgemm"] is None:
-            return "fbgemm", "fbgemm_gpu's table-batched op with its fused optimizer"
+            return "fbgemm", "; ".join(["fbgemm_gpu's table-batched op with its fused optimizer"]
+                                       + [f"not {k}: {v}" for k, v in why_not.items() if v])
     # On CPU, Triton runs only under its interpreter (tests): never an automatic choice there.
     if kernel == "triton" or (kernel == "auto" and device.type == "cuda"):
         why_not["triton"] = triton_tbe.unsupported(device)

@@ -16,7 +16,8 @@ steps for all of them:
    to shard-local rows; table- and column-wise: the whole bag) and sent to the shard's rank; counts go
    first, then lengths and ids in one ``all_to_all_single``, then per-sample weights if any;
 2. local lookup: the owner pools every received bag of all its shards in one call (``sharding.lookup``:
-   fbgemm's table-batched op, or ``embedding_bag`` once per shard width; not a loop over tables);
+   a table-batched kernel (distrec's CPU or Triton kernels, fbgemm's op), or ``embedding_bag`` once per
+   shard width; not a loop over tables);
 3. output dist: pooled vectors go back to the ranks that own the samples (differentiable all-to-all)
    and are added into the output columns: column shards land side by side, row-wise partial sums add up.
 
@@ -28,8 +29,8 @@ and ``start_forward`` returns with the pooled vectors in flight (``OutputDist``)
 between (the DLRM's bottom MLP) hides their exchange, and in backward the exchange of their gradients.
 
 Data-parallel tables are replicas looked up locally; ``sync_replica_grads`` all-reduces their gradients.
-Gradients of sharded rows come back through the reversed all-to-all to the owner, where the fbgemm kernel
-updates the touched rows inside backward, or the plain path leaves row-sparse gradients for ``step()``
+Gradients of sharded rows come back through the reversed all-to-all to the owner, where a table-batched
+kernel updates the touched rows inside backward, or the plain path leaves row-sparse gradients for ``step()``
 (``sharding.optim``); no dense gradient the size of a table is ever made.
 """
 from __future__ import annotations

@@ -28,7 +28,7 @@ class ShardingType(str, enum.Enum):
 
 
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
-KERNELS = ("auto", "torch", "fbgemm", "triton")  # lookup kernels (sharding.lookup picks "auto")
+KERNELS = ("auto", "torch", "fbgemm", "triton", "cpu")  # lookup kernels (sharding.lookup picks "auto")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")  # fused sparse optimizers (sharding.optim)
 
 

@@ -1,5 +1,5 @@
 """Real ranks on gloo: N ranks with the same global batch and seed follow the 1-rank trajectory, with the
-plain-PyTorch lookup kernel as the 1-rank reference and either kernel (torch, fbgemm) on N ranks."""
+plain-PyTorch lookup kernel as the 1-rank reference and each kernel (torch, fbgemm, cpu) on N ranks."""
 import json
 import os
 import re
@@ -73,11 +73,11 @@ def assert_same_losses(losses, ref_losses):
 PIPELINED = [*MIXED, "--train.pipeline=true"]
 
 
-# Column shards of the 8-wide c1 are 4 wide on 2 ranks (fbgemm can take them), 3/3/2 on 3 ranks (torch only).
+# Column shards of the 8-wide c1 are 4 wide on 2 ranks (fbgemm can take them), 3/3/2 on 3 ranks (torch and cpu).
 @pytest.mark.parametrize("world,plan,kernel", [(2, [], "fbgemm"), (3, [], "torch"), (2, MIXED, "fbgemm"),
-                                               (3, PIPELINED, "torch"), (2, PIPELINED, "fbgemm")],
+                                               (3, PIPELINED, "torch"), (2, PIPELINED, "fbgemm"), (3, MIXED, "cpu")],
                          ids=["2-row_wise-fbgemm", "3-row_wise-torch", "2-mixed-fbgemm", "3-mixed-pipelined-torch",
-                              "2-mixed-pipelined-fbgemm"])
+                              "2-mixed-pipelined-fbgemm", "3-mixed-cpu"])
 def test_same_loss_trajectory_and_eval_as_one_rank(small_data, one_rank, tmp_path, world, plan, kernel):
     cfg_path, data = small_data
     losses, evals, stdout = trajectory(cfg_path, data, tmp_path, world, *plan, f"--plan.kernel={kernel}",

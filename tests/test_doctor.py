@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distrec.tools.doctor import check_fbgemm_dists, check_versions, describe_set, expected_torch
+from distrec.tools.doctor import check_fbgemm_dists, check_versions, cpu_kernel_line, describe_set, expected_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX_19 = "pip install -c constraints.txt fbgemm-gpu-cpu==1.8.0"
@@ -90,6 +90,16 @@ def test_doctor_command_passes_here():
     assert importlib.metadata.version("torch") in proc.stdout
     assert re.search(r"^backends\s+.*\bgloo\b", proc.stdout, re.M), proc.stdout
     assert re.search(r"^status\s+ok$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^cpu kernel\s+built \(imports", proc.stdout, re.M), proc.stdout  # tests need it built
+
+
+def test_cpu_kernel_row_says_whether_it_is_built_and_why_not():
+    line, problems = cpu_kernel_line(False, None)
+    assert line.startswith("not built (optional") and "make install" in line and problems == []
+    line, problems = cpu_kernel_line(True, "ImportError: _cpu_tbe.so: undefined symbol: _ZN3c10")
+    assert line == "built, fails to load: ImportError: _cpu_tbe.so: undefined symbol: _ZN3c10"
+    assert len(problems) == 1 and "rebuild it with `make install`" in problems[0]
+    assert cpu_kernel_line(True, None) == ("built (imports; --plan.kernel=auto uses it on CPU)", [])
 
 
 def _fake_package(root: Path, dist: str, version: str, module: str, body: str) -> None:

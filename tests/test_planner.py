@@ -118,7 +118,8 @@ def test_estimated_memory_is_what_the_runtime_allocates():
     """Shards + optimizer state of a 1-rank runtime after one step, measured from the tensors."""
     tables = [TableConfig("a", 300, 8), TableConfig("b", 50, 4), TableConfig("c", 7, 8)]
     plan = simple_plan(tables, 1, "table_wise", {"c": "data_parallel"})
-    for kind, kernel in [(k, "torch") for k in KINDS] + [(k, "fbgemm") for k in ("sgd", "adagrad", "rowwise_adagrad")]:
+    fbgemm = [(k, "fbgemm") for k in ("sgd", "adagrad", "rowwise_adagrad")]
+    for kind, kernel in [(k, "torch") for k in KINDS] + [(k, "cpu") for k in KINDS] + fbgemm:
         emb = ShardedEmbeddingCollection(tables, plan, rank=0, optim=OptimSpec(kind, lr=0.1), kernel=kernel)
         emb(JaggedBatch(["a", "b", "c"], torch.tensor([1, 2, 3, 4, 5, 6]), torch.ones(6, dtype=torch.int64))).sum().backward()
         emb.step()

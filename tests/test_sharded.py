@@ -1,6 +1,7 @@
 """The sharded runtime on 1-4 real gloo ranks against a plain single-process model: pooled outputs and
 updated tables, for every sharding type mixed in one plan, every fused optimizer, and both lookup
-kernels (plain PyTorch; fbgemm's table-batched op with its optimizer fused into backward)."""
+kernels (plain PyTorch; distrec's CPU kernel and fbgemm's table-batched op, with the optimizer fused into
+backward)."""
 import warnings
 
 import pytest
@@ -24,7 +25,7 @@ MIXED = {"t0": "row_wise", "t1": "data_parallel", "t2": "table_wise", "t3": "col
 GLOBAL_BATCH, STEPS, LR = 23, 3, 0.1
 KINDS = ["sgd", "adagrad", "rowwise_adagrad", "adam"]
 FBGEMM_KINDS = ["sgd", "adagrad", "rowwise_adagrad"]  # fbgemm's CPU op has no Adam
-COMBOS = [(k, "torch") for k in KINDS] + [(k, "fbgemm") for k in FBGEMM_KINDS]
+COMBOS = [(k, "torch") for k in KINDS] + [(k, "cpu") for k in KINDS] + [(k, "fbgemm") for k in FBGEMM_KINDS]
 
 
 def tables_for(kernel):

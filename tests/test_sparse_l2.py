@@ -102,7 +102,7 @@ def sharded_rank(rank: int, world: int, combos) -> dict:
     return out
 
 
-COMBOS = [(k, "torch") for k in KINDS] + [(k, "triton") for k in KINDS]
+COMBOS = [(k, "torch") for k in KINDS] + [(k, "cpu") for k in KINDS] + [(k, "triton") for k in KINDS]
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -125,17 +125,22 @@ def test_sharded_l2_equals_the_hand_formula(world, monkeypatch):
             assert_within(g, w, tolerance(w, i), f"{combo} world {world} table {names[i]}")
 
 
-def test_fbgemm_refuses_sparse_l2_and_auto_picks_torch():
+def test_fbgemm_refuses_sparse_l2_and_auto_picks_the_cpu_kernel_or_torch(monkeypatch):
     plan = simple_plan(TABLES, 1, "row_wise", PLAN)
     with pytest.raises(ValueError, match="optimizer.sparse_l2 is not supported by kernel fbgemm"):
         ShardedEmbeddingCollection(TABLES, plan, optim=OptimSpec("adagrad", LR, l2=L2), kernel="fbgemm")
     auto = ShardedEmbeddingCollection(TABLES, plan, optim=OptimSpec("adagrad", LR, l2=L2), kernel="auto")
-    assert auto.kernel == "torch" and "sparse_l2" in auto.kernel_reason
-    # Without the penalty fbgemm is still chosen: defaults are unchanged.
+    assert auto.kernel == "cpu"  # distrec's CPU kernel has the L2
+    # Without it (not built), auto skips fbgemm for the L2 and takes torch; without the penalty, fbgemm.
+    from sharding.kernels import cpu_tbe
+
+    monkeypatch.setattr(cpu_tbe, "load", lambda: (None, "ImportError: not built"))
+    auto = ShardedEmbeddingCollection(TABLES, plan, optim=OptimSpec("adagrad", LR, l2=L2), kernel="auto")
+    assert auto.kernel == "torch" and "sparse_l2" in auto.kernel_reason and "not cpu:" in auto.kernel_reason
     assert ShardedEmbeddingCollection(TABLES, plan, optim=OptimSpec("adagrad", LR)).kernel == "fbgemm"
 
 
-@pytest.mark.parametrize("kernel", ["torch", "fbgemm"])
+@pytest.mark.parametrize("kernel", ["torch", "cpu", "fbgemm"])
 def test_set_lr_changes_the_next_update(kernel):
     """The schedule's hook: after set_lr(lr / 4) an SGD step moves each row by a quarter as much."""
     plan = simple_plan(TABLES, 1, "row_wise")

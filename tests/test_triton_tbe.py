@@ -8,8 +8,7 @@ during its own tests (the autouse fixture); other tests and the processes they s
 something imported triton earlier in the process without the flag, ``test_kernels_are_interpreted``
 says so.
 
-Lookups draw rows below ``rows - UNTOUCHED`` only, so every table's last rows are never touched; a few
-hot rows make ids repeat within and across bags; some bags are empty.
+The reference, its batches and tolerances are tests/tbe_reference.py's.
 """
 from __future__ import annotations
 
@@ -21,12 +20,13 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from sharding.optim import KINDS, OptimSpec, SparseOptimizer, state_names
+from sharding.optim import KINDS, OptimSpec, state_names
 from tests.conftest import REPO, run_cli
-from tests.tolerance import assert_within, sum_tol
+from tests.tbe_reference import (BATCH, OPTIM, SHAPES, UNTOUCHED, Reference, assert_same_states,
+                                 assert_same_tables, check_sharded_collection_matches_torch_kernel, make_batch,
+                                 train_step, train_three_steps_against)
+from tests.tolerance import assert_within
 
 _before = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
@@ -40,147 +40,10 @@ finally:
         os.environ["TRITON_INTERPRET"] = _before
 from sharding.kernels.triton_tbe import TritonTBE  # noqa: E402
 
-# Widths that are multiples of 4 and ones that are not; one narrow table with few rows.
-SHAPES = [(40, 8), (25, 5), (60, 16), (9, 3)]
-BATCH, MAX_BAG, UNTOUCHED, HOT_ROWS = 7, 5, 2, 3  # 28 bags: forward programs of 8 end part-full
-# A large eps, so putting it inside the square root (or leaving it out) would be caught.
-OPTIM = dict(lr=0.05, eps=0.1, betas=(0.9, 0.999))
-# Tolerances (tests/tolerance.py), per element from magnitudes the Reference measures. The kernel adds the
-# same float32 terms as the reference in other orders (by program, in pieces for long runs):
-# - a pooled value sums <= MAX_BAG terms |psw * row|: sum_tol(forward on |rows|, |psw|, MAX_BAG), plus
-#   the rows' own differences after earlier steps, pooled;
-# - a row's gradient sums its uses over the step, <= BATCH * MAX_BAG terms |psw * upstream|, and the update
-#   takes <= 4 elementwise ops: N_STEP per step. A weight's error is <= N_STEP * EPS32 relative to each
-#   update (its gradient not within rounding of 0: seeded data), so it is held to sum_tol(sum of |updates|,
-#   steps * N_STEP) plus one rounding of |w| per step; an optimizer state (a sum of gradients, or of their
-#   squares) to sum_tol(its gradients' sum|terms| (squared), steps * N_STEP (twice for squares)).
-# With N_STEP = 39 over 3 steps an element is held to ~3e-5 of how far it moved; a missed or misplaced
-# update is off by a whole update (~LR = 0.05 for the Adagrads and Adam, LR * |g| for SGD).
-N_STEP = BATCH * MAX_BAG + 4
-
 
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def make_batch(seed: int, weighted: bool, shapes=SHAPES, batch: int = BATCH):
-    """(indices, offsets, per_sample_weights or None, upstream gradient [batch, total width])."""
-    gen = torch.Generator().manual_seed(seed)
-    T = len(shapes)
-    lengths = torch.randint(0, MAX_BAG + 1, (T * batch,), generator=gen)
-    lengths[seed % 4::4] = 0  # empty bags in every table
-    ids = []
-    for t, (rows, _) in enumerate(shapes):
-        n = int(lengths[t * batch:(t + 1) * batch].sum())
-        uniform = torch.randint(0, rows - UNTOUCHED, (n,), generator=gen)
-        hot = torch.randint(0, HOT_ROWS, (n,), generator=gen)
-        ids.append(torch.where(torch.rand(n, generator=gen) < 0.4, hot, uniform))
-    indices = torch.cat(ids)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
-    psw = torch.rand(indices.numel(), generator=gen) + 0.5 if weighted else None
-    upstream = torch.randn(batch, sum(w for _, w in shapes), generator=gen)
-    return indices, offsets, psw, upstream
-
-
-class Reference:
-    """One fp32 parameter per table, ``F.embedding_bag(sparse=True)`` each, one SparseOptimizer."""
-
-    def __init__(self, tables: list[torch.Tensor], optim: OptimSpec, pooling: str = "sum"):
-        self.params = [nn.Parameter(w.detach().float().clone()) for w in tables]
-        self.opt = SparseOptimizer(self.params, optim.kind, optim.lr, optim.eps, optim.betas, l2=optim.l2)
-        self.pooling, self.l2 = pooling, optim.l2
-        # the magnitudes the tolerances scale with (see N_STEP): per element, |w| at the start, the sum of
-        # |each update|, the sum over steps of its gradient's sum|terms|
-        self.start = [p.detach().abs() for p in self.params]
-        self.moved = [torch.zeros_like(p) for p in self.params]
-        self.grad_mag = [torch.zeros_like(p) for p in self.params]
-        self.steps = 0
-
-    def magnitude_pass(self, indices, offsets, psw, upstream) -> torch.Tensor:
-        """The step on |rows|, |psw| and |upstream|: pooled sum|terms| (returned) and each row's gradient
-        sum|terms| (added to ``grad_mag``)."""
-        absolute = [nn.Parameter(p.detach().abs()) for p in self.params]
-        saved, self.params = self.params, absolute
-        try:
-            out = self.forward(indices, offsets, None if psw is None else psw.abs())
-        finally:
-            self.params = saved
-        (out * upstream.abs()).sum().backward()
-        for mag, p in zip(self.grad_mag, absolute):
-            if p.grad is not None:
-                mag += p.grad.to_dense()
-        return out.detach()
-
-    def forward_tol(self, indices, offsets, psw) -> torch.Tensor:
-        """A pooled value's bound: its own sum's, plus the rows' own differences (weight_tol) pooled."""
-        psw = None if psw is None else psw.abs()
-        saved = self.params
-        try:
-            self.params = [nn.Parameter(p.detach().abs()) for p in saved]
-            own = sum_tol(self.forward(indices, offsets, psw).detach(), MAX_BAG)
-            self.params = [nn.Parameter(self.weight_tol(t)) for t in range(len(saved))]
-            return own + self.forward(indices, offsets, psw).detach()
-        finally:
-            self.params = saved
-
-    def weight_tol(self, t: int) -> torch.Tensor:
-        return sum_tol(self.moved[t], self.steps * N_STEP) + sum_tol(self.start[t] + self.moved[t], self.steps)
-
-    def state_tol(self, t: int, name: str) -> torch.Tensor:
-        squared = name in ("sum", "row_sum", "exp_avg_sq")
-        mag = self.grad_mag[t] ** 2 if squared else self.grad_mag[t]
-        mag = mag.max(1).values if name == "row_sum" else mag
-        return sum_tol(mag, self.steps * N_STEP * (2 if squared else 1))
-
-    def forward(self, indices, offsets, psw) -> torch.Tensor:
-        batch = (offsets.numel() - 1) // len(self.params)
-        outs = []
-        for t, p in enumerate(self.params):
-            lo, hi = int(offsets[t * batch]), int(offsets[(t + 1) * batch])
-            outs.append(F.embedding_bag(indices[lo:hi], p, offsets[t * batch:(t + 1) * batch] - lo,
-                                        mode=self.pooling, sparse=True,
-                                        per_sample_weights=None if psw is None else psw[lo:hi]))
-        return torch.cat(outs, dim=1)
-
-    def train_step(self, indices, offsets, psw, upstream) -> torch.Tensor:
-        self.opt.zero_grad(set_to_none=True)
-        before = [p.detach().clone() for p in self.params]
-        out = self.forward(indices, offsets, psw)
-        (out * upstream).sum().backward()
-        self.opt.step()
-        for moved, b, p in zip(self.moved, before, self.params):
-            moved += (p.detach() - b).abs()
-        self.magnitude_pass(indices, offsets, psw, upstream)
-        if self.l2:  # the L2 term l2 * w is one more term of each touched row's gradient (bounded by |w|'s)
-            for t, mag in enumerate(self.grad_mag):
-                mag += self.l2 * (self.start[t] + self.moved[t])
-        self.steps += 1
-        return out.detach()
-
-    def states(self) -> list[dict[str, torch.Tensor]]:
-        return [self.opt.state[p] for p in self.params]
-
-
-def train_step(tbe: TritonTBE, indices, offsets, psw, upstream) -> torch.Tensor:
-    out = tbe(indices, offsets, psw)
-    (out * upstream).sum().backward()
-    return out.detach()
-
-
-def assert_same_tables(tbe: TritonTBE, ref: Reference) -> None:
-    for t, (ours, theirs) in enumerate(zip(tbe.table_weights(), ref.params)):
-        assert_within(ours.float(), theirs.data, ref.weight_tol(t), f"table {t}")
-
-
-def assert_same_states(tbe: TritonTBE, ref: Reference) -> None:
-    for t, (ours, theirs) in enumerate(zip(tbe.table_states(), ref.states())):
-        assert set(ours) == set(state_names(tbe.optim.kind)), t
-        for name, value in ours.items():
-            if name == "step":
-                assert int(value) == int(theirs[name]), t
-            else:
-                assert_within(value, theirs[name], ref.state_tol(t, name), f"table {t} {name}")
 
 
 def test_kernels_are_interpreted():
@@ -206,16 +69,6 @@ def test_forward_matches_reference(pooling, weighted):
     assert_within(out, ref.forward(indices, offsets, psw).detach(), ref.forward_tol(indices, offsets, psw), "pooled")
     empty = (offsets[1:] == offsets[:-1]).view(len(SHAPES), BATCH)
     assert empty.any()
-
-
-def train_three_steps_against(tbe, ref, seed: int, weighted: bool) -> None:
-    """Three training steps on both: the same outputs each step, then the same tables and optimizer state."""
-    for step in range(3):
-        batch = make_batch(seed=seed + step, weighted=weighted)
-        tol = ref.forward_tol(*batch[:3])
-        assert_within(train_step(tbe, *batch), ref.train_step(*batch), tol, f"step {step} pooled")
-    assert_same_tables(tbe, ref)
-    assert_same_states(tbe, ref)
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
@@ -389,36 +242,4 @@ def test_kernels_compile_for_h100(tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_sharded_collection_with_triton_kernel_matches_torch_kernel(kind):
     """The runtime's lookup on the Triton kernel (one rank, a mixed plan) against its plain-PyTorch one."""
-    from sharding.runtime import ShardedEmbeddingCollection
-    from tests.test_sharded import TABLES, make_batch as sharded_batch, make_plan
-
-    results = {}
-    for kernel in ("triton", "torch"):
-        emb = ShardedEmbeddingCollection(TABLES, make_plan(1, kind, "torch"), seed=0, optim=OptimSpec(kind, 0.1),
-                                         kernel=kernel)
-        assert emb.kernel == kernel
-        pooled = []
-        start = [w.abs() for _, _, w in emb.shard_weights()]
-        moved = [torch.zeros_like(w) for w in start]
-        for step in range(2):
-            before = [w.clone() for _, _, w in emb.shard_weights()]
-            jb, upstream = sharded_batch(step)
-            out = emb(jb)
-            (out * upstream).sum().backward()
-            emb.sync_replica_grads()
-            emb.step()
-            pooled.append(out.detach())
-            for m, b, (_, _, w) in zip(moved, before, emb.shard_weights()):
-                m += (w - b).abs()
-        results[kernel] = pooled, [(n, w.clone()) for n, _, w in emb.shard_weights()], start, moved
-    # As above (N_STEP): test_sharded's bags hold <= 4 ids, weights < 1, rows <= sqrt(1 / 7) in magnitude;
-    # a row's gradient sums <= 23 samples * 4 ids per step. A wrong row moves a pooled value by ~0.1.
-    # The second step's lookups also see the first update's differences: <= 4 rows' worth (the final
-    # bound, which is larger, stands in for it).
-    _, tables, start, moved = results["torch"]
-    table_tols = [sum_tol(m, 2 * (23 * 4 + 4)) + sum_tol(s + m, 2) for s, m in zip(start, moved)]
-    pooled_tol = sum_tol(4 * (1 / 7) ** 0.5, 4) + 4 * max(float(t.max()) for t in table_tols)
-    for got, want in zip(results["triton"][0], results["torch"][0]):
-        assert_within(got, want, pooled_tol, f"{kind}: pooled")
-    for (name, got), (_, want), tol in zip(results["triton"][1], tables, table_tols):
-        assert_within(got, want, tol, f"{kind}: table {name}")
+    check_sharded_collection_matches_torch_kernel("triton", kind)

@@ -291,6 +291,34 @@ def _report_packages(versions: dict[str, str | None], fbgemm_dists: list[str]) -
     return errors
 
 
+CPU_KERNEL = "sharding.kernels._cpu_tbe"  # distrec's own C++ CPU kernel, built by setup.py at install
+
+
+def cpu_kernel_line(found: bool, error: str | None) -> tuple[str, list[str]]:
+    """The row for distrec's CPU kernel and its problems: not built is no problem (the runtime falls back
+    to fbgemm's op or plain PyTorch and logs why), built but failing to load is one.
+
+        >>> cpu_kernel_line(False, None)[0]
+        'not built (optional; `make install` or `python setup.py build_ext --inplace` builds it)'
+    """
+    hint = "`make install` or `python setup.py build_ext --inplace`"
+    if not found:
+        return f"not built (optional; {hint} builds it)", []
+    if error is not None:
+        return f"built, fails to load: {error}", [f"distrec's CPU kernel fails to load: {error}; rebuild it with {hint}"]
+    return "built (imports; --plan.kernel=auto uses it on CPU)", []
+
+
+def _report_cpu_kernel() -> list[str]:
+    import importlib.util
+
+    found = importlib.util.find_spec(CPU_KERNEL) is not None
+    error = try_imports([CPU_KERNEL])[CPU_KERNEL] if found else None
+    line, problems = cpu_kernel_line(found, error)
+    _row("cpu kernel", line)
+    return problems
+
+
 def main() -> int:
     _row("distrec", __version__)
     _row("python", f"{platform.python_version()} ({sys.executable})")
@@ -302,6 +330,7 @@ def main() -> int:
     fbgemm_dists = [d for d in FBGEMM_DISTS if installed_version(d) is not None]
     versions = _installed(fbgemm_dists)
     errors = _report_packages(versions, fbgemm_dists)
+    kernel_problems = _report_cpu_kernel()
     _row("backends", _backends(torch.distributed))
     gpus, gpu_text = _gpus(torch)
     _row("gpus", gpu_text)
@@ -311,6 +340,7 @@ def main() -> int:
                               fbgemm_dist=fbgemm_dists[-1] if fbgemm_dists else "fbgemm-gpu-cpu")
     problems += check_fbgemm_dists(fbgemm_dists)
     problems += [f"{m} fails to load: {e}" for m, e in errors.items() if e is not None]
+    problems += kernel_problems
     _row("version set", describe_set(torch_v, fbgemm_v, torchrec_v))
     for p in problems:
         _row("problem", p)

@@ -2,6 +2,8 @@
 
 One interface (``TableBatchedEmbedding``), several implementations:
 
+- ``sharding.kernels.cpu_tbe.CpuTBE``: distrec's own C++ CPU kernel (``csrc/cpu_tbe.cpp``, built by
+  setup.py at install); the runtime's choice on CPU where it is built.
 - ``sharding.kernels.fbgemm.FbgemmTBE``: fbgemm_gpu's SplitTableBatchedEmbeddingBagsCodegen (the CPU op
   from fbgemm-gpu-cpu, the CUDA op where fbgemm-gpu CUDA is installed); imported only when asked for.
 - ``sharding.kernels.triton_tbe.TritonTBE``: distrec's own Triton kernels (GPU, or CPU under

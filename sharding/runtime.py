@@ -175,7 +175,7 @@ class ShardedEmbeddingCollection(nn.Module):
 
     def _bucketize(self, sparse: JaggedBatch):
         """Per destination rank: (lengths, ids, weights) of every bag of its shards, in canonical order."""
-        batch, n = sparse.batch_size, len(self._placed)
+        batch = sparse.batch_size
         lengths = sparse.lengths.view(len(self.tables), batch)
         counts, local_ids, local_w = self._route(sparse, lengths) if len(self._canon) else (None, None, None)
         per_key = torch.split(sparse.values, sparse.length_per_key())

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharding.optim import OptimSpec, SparseOptimizer
+from tbe_batch import Batch
 
 ZIPF_EXPONENT = 1.05
 COPY_BYTES = 512 * 2**20  # the bandwidth probe's buffer: far past every cache
@@ -40,15 +41,6 @@ class Config:
     pooling: int
     dist: str
     kind: str
-
-
-@dataclass
-class Batch:
-    indices: torch.Tensor  # table-local ids, table-major
-    offsets: torch.Tensor  # T * B + 1
-    global_ids: torch.Tensor  # ids + the table's first row in one concatenated weight (torch path)
-    grad: torch.Tensor  # upstream gradient [B, T * dim]
-    unique: int  # distinct (table, row) pairs: the rows an update touches
 
 
 def draw_ids(rows: int, n: int, dist: str, gen: torch.Generator) -> torch.Tensor:

@@ -26,7 +26,6 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +37,7 @@ from distrec.config import TableSpec, load_config, table_specs
 from distrec.model.dlrm import DLRM
 from sharding.jagged import JaggedBatch
 from sharding.optim import KINDS, OptimSpec, SparseOptimizer
+from tbe_batch import Batch
 
 # Memory bandwidth by device name; the first entry whose key is in torch.cuda.get_device_name() wins.
 PEAK_BYTES_PER_S = (("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12),
@@ -48,19 +48,6 @@ STATE_BYTES_PER_ROW = {"sgd": lambda d: 0, "adagrad": lambda d: 4 * d, "rowwise_
                        "adam": lambda d: 8 * d}
 CRITEO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "criteo_terabyte.toml"
 NUM_DENSE = 13
-
-
-@dataclass
-class Batch:
-    indices: torch.Tensor  # table-local ids, table-major
-    offsets: torch.Tensor  # T * B + 1
-    global_ids: torch.Tensor  # ids + the table's first row in one concatenated weight (torch path)
-    grad: torch.Tensor  # upstream gradient [B, T * dim]
-    unique: int  # distinct (table, row) pairs: the rows an update touches
-
-    @property
-    def n(self) -> int:
-        return self.indices.numel()
 
 
 def make_batch(rows: list[int], batch: int, pooling: int, dim: int, device, seed: int) -> Batch:

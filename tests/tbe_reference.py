@@ -170,6 +170,22 @@ def train_three_steps_against(tbe, ref, seed: int, weighted: bool, **batch_args)
     assert_same_states(tbe, ref)
 
 
+def train_with_l2_and_a_changed_lr_against(tbe, ref, fresh: TableBatchedEmbedding) -> None:
+    """Three weighted steps, the learning rate quartered before the last on both; the same outputs,
+    tables and state, and the rows no batch touched equal to ``fresh``'s (same seeded init): L2 acts on
+    touched rows only."""
+    for step in range(3):
+        if step == 2:
+            tbe.set_lr(OPTIM["lr"] / 4)
+            ref.opt.param_groups[0]["lr"] = OPTIM["lr"] / 4
+        batch = make_batch(seed=80 + step, weighted=True)
+        assert_within(train_step(tbe, *batch), ref.train_step(*batch), ref.forward_tol(*batch[:3]), f"step {step}")
+    assert_same_tables(tbe, ref)
+    assert_same_states(tbe, ref)
+    untouched = [w[-UNTOUCHED:] for w in tbe.table_weights()]
+    assert all(torch.equal(u, f[-UNTOUCHED:]) for u, f in zip(untouched, fresh.table_weights()))
+
+
 def check_sharded_collection_matches_torch_kernel(kernel: str, kind: str) -> None:
     """The runtime's lookup on ``kernel`` (one rank, test_sharded's mixed plan) against its plain-PyTorch one:
     pooled outputs over two steps, then the tables."""

@@ -16,9 +16,10 @@ from sharding.kernels.cpu_tbe import CpuTBE
 from sharding.lookup import choose_kernel
 from sharding.optim import KINDS, OptimSpec, state_names
 from tests.conftest import run_cli
-from tests.tbe_reference import (BATCH, MAX_BAG, OPTIM, SHAPES, UNTOUCHED, Reference, assert_same_states,
+from tests.tbe_reference import (BATCH, MAX_BAG, OPTIM, SHAPES, Reference, assert_same_states,
                                  assert_same_tables, check_sharded_collection_matches_torch_kernel, make_batch,
-                                 train_step, train_three_steps_against)
+                                 train_step, train_three_steps_against,
+                                 train_with_l2_and_a_changed_lr_against)
 from tests.tolerance import assert_within
 
 # A bigger batch over bigger tables: thousands of ids per table, so the work is split over threads
@@ -72,16 +73,7 @@ def test_training_matches_reference(kind, weighted):
 def test_l2_on_touched_rows_and_a_changed_lr_match_reference(kind):
     tbe = CpuTBE(SHAPES, OptimSpec(kind, l2=0.3, **OPTIM))
     ref = Reference(tbe.table_weights(), tbe.optim)
-    for step in range(3):
-        if step == 2:
-            tbe.set_lr(OPTIM["lr"] / 4)
-            ref.opt.param_groups[0]["lr"] = OPTIM["lr"] / 4
-        batch = make_batch(seed=80 + step, weighted=True)
-        assert_within(train_step(tbe, *batch), ref.train_step(*batch), ref.forward_tol(*batch[:3]), f"step {step}")
-    assert_same_tables(tbe, ref)
-    assert_same_states(tbe, ref)
-    fresh = CpuTBE(SHAPES, OptimSpec(kind, **OPTIM)).table_weights()  # same seeded init
-    assert all(torch.equal(w[-UNTOUCHED:], f[-UNTOUCHED:]) for w, f in zip(tbe.table_weights(), fresh))
+    train_with_l2_and_a_changed_lr_against(tbe, ref, fresh=CpuTBE(SHAPES, OptimSpec(kind, **OPTIM)))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -25,7 +25,8 @@ from sharding.optim import KINDS, OptimSpec, state_names
 from tests.conftest import REPO, run_cli
 from tests.tbe_reference import (BATCH, OPTIM, SHAPES, UNTOUCHED, Reference, assert_same_states,
                                  assert_same_tables, check_sharded_collection_matches_torch_kernel, make_batch,
-                                 train_step, train_three_steps_against)
+                                 train_step, train_three_steps_against,
+                                 train_with_l2_and_a_changed_lr_against)
 from tests.tolerance import assert_within
 
 _before = os.environ.get("TRITON_INTERPRET")
@@ -86,18 +87,7 @@ def test_l2_on_touched_rows_and_a_changed_lr_match_reference(kind):
     tbe = TritonTBE(SHAPES, OptimSpec(kind, l2=0.3, **OPTIM))
     tbe.long_run_ids, tbe.piece_ids = 2, 3
     ref = Reference(tbe.table_weights(), tbe.optim)
-    for step in range(3):
-        if step == 2:
-            tbe.set_lr(OPTIM["lr"] / 4)
-            ref.opt.param_groups[0]["lr"] = OPTIM["lr"] / 4
-        batch = make_batch(seed=80 + step, weighted=True)
-        tol = ref.forward_tol(*batch[:3])
-        assert_within(train_step(tbe, *batch), ref.train_step(*batch), tol, f"step {step} pooled")
-    assert_same_tables(tbe, ref)
-    assert_same_states(tbe, ref)
-    untouched = [w[-UNTOUCHED:] for w in tbe.table_weights()]
-    fresh = TritonTBE(SHAPES, OptimSpec(kind, **OPTIM)).table_weights()  # same seeded init
-    assert all(torch.equal(u, f[-UNTOUCHED:]) for u, f in zip(untouched, fresh))  # L2 only on touched rows
+    train_with_l2_and_a_changed_lr_against(tbe, ref, fresh=TritonTBE(SHAPES, OptimSpec(kind, **OPTIM)))
 
 
 @pytest.mark.parametrize("kind", KINDS)

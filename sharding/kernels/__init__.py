@@ -50,3 +50,33 @@ class TableBatchedEmbedding(nn.Module):
         """Views of each table's optimizer state, keyed as ``sharding.optim.state_names(kind)``:
         "row_col" ones [rows, width], "row" ones [rows], "scalar" ones 0-dim."""
         raise NotImplementedError
+
+
+def fused_lookup(tbe: TableBatchedEmbedding, indices: torch.Tensor, offsets: torch.Tensor,
+                 per_sample_weights: torch.Tensor | None) -> torch.Tensor:
+    """``tbe.pool`` (the forward kernel) as an autograd op whose backward is ``tbe.apply_gradient`` (the
+    backward fused with the update: rows change in place, no gradient flows anywhere): the forward of
+    distrec's own kernels, C++ and Triton, which both define the two methods.
+
+        out = fused_lookup(self, indices, offsets, None)   # in CpuTBE.forward
+    """
+    # A leaf that wants a gradient, so autograd calls backward (which updates the rows) whenever the
+    # output is used in a loss; it costs nothing and keeps the storage off the parameter list.
+    anchor = torch.empty(0, device=indices.device, requires_grad=torch.is_grad_enabled())
+    return _FusedLookup.apply(anchor, tbe, indices, offsets, per_sample_weights)
+
+
+class _FusedLookup(torch.autograd.Function):
+    """Forward pools; backward updates the rows in place and returns no gradient for anything."""
+
+    @staticmethod
+    def forward(ctx, anchor, tbe: TableBatchedEmbedding, indices, offsets, per_sample_weights):
+        ctx.tbe = tbe
+        ctx.save_for_backward(indices, offsets, per_sample_weights)
+        return tbe.pool(indices, offsets, per_sample_weights)
+
+    @staticmethod
+    def backward(ctx, grad):
+        indices, offsets, per_sample_weights = ctx.saved_tensors
+        ctx.tbe.apply_gradient(grad, indices, offsets, per_sample_weights)
+        return None, None, None, None, None

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from sharding.kernels import TableBatchedEmbedding
+from sharding.kernels import TableBatchedEmbedding, fused_lookup
 from sharding.optim import OptimSpec, state_names
 
 MAX_ROWS = 2**32 - 1  # the kernel sorts table-local ids as 32-bit keys
@@ -139,11 +139,7 @@ class CpuTBE(TableBatchedEmbedding):
             if per_sample_weights.shape != indices.shape:
                 raise ValueError("per_sample_weights must be aligned with indices")
             per_sample_weights = per_sample_weights.detach().float().contiguous()  # no gradient for them
-        # A leaf that wants a gradient, so autograd calls backward (which updates the rows) whenever the
-        # output is used in a loss, while the storage stays off the parameter list.
-        anchor = torch.empty(0, requires_grad=torch.is_grad_enabled())
-        return _LookupFunction.apply(anchor, self, indices.long().contiguous(), offsets.long().contiguous(),
-                                     per_sample_weights)
+        return fused_lookup(self, indices.long().contiguous(), offsets.long().contiguous(), per_sample_weights)
 
     def pool(self, indices: torch.Tensor, offsets: torch.Tensor,
              per_sample_weights: torch.Tensor | None) -> torch.Tensor:
@@ -170,19 +166,3 @@ class CpuTBE(TableBatchedEmbedding):
         t = int(self.step)
         beta1, beta2 = self.optim.betas
         return self.optim.lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-
-
-class _LookupFunction(torch.autograd.Function):
-    """Forward pools; backward updates the rows in place and returns no gradient for anything."""
-
-    @staticmethod
-    def forward(ctx, anchor, tbe: CpuTBE, indices, offsets, per_sample_weights):
-        ctx.tbe = tbe
-        ctx.save_for_backward(indices, offsets, per_sample_weights)
-        return tbe.pool(indices, offsets, per_sample_weights)
-
-    @staticmethod
-    def backward(ctx, grad):
-        indices, offsets, per_sample_weights = ctx.saved_tensors
-        ctx.tbe.apply_gradient(grad, indices, offsets, per_sample_weights)
-        return None, None, None, None, None

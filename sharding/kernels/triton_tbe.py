@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from sharding.kernels import TableBatchedEmbedding
+from sharding.kernels import TableBatchedEmbedding, fused_lookup
 from sharding.optim import OptimSpec, state_names
 
 POOLINGS = ("sum", "mean")
@@ -176,13 +176,10 @@ class TritonTBE(TableBatchedEmbedding):
             raise ValueError(f"offsets must hold T * B + 1 = {T} * B + 1 values, got {offsets.numel()}")
         if per_sample_weights is not None and per_sample_weights.shape != indices.shape:
             raise ValueError("per_sample_weights must be aligned with indices")
-        # A leaf that wants a gradient, so autograd calls backward (which updates the rows) whenever the
-        # output is used in a loss; it costs nothing and keeps the storage off the parameter list.
-        anchor = torch.empty(0, device=indices.device, requires_grad=torch.is_grad_enabled())
         if per_sample_weights is not None:
             per_sample_weights = per_sample_weights.detach().contiguous()  # no gradient for them
         # The kernels index flat memory, so the ids must be dense.
-        return _LookupFunction.apply(anchor, self, indices.contiguous(), offsets.contiguous(), per_sample_weights)
+        return fused_lookup(self, indices.contiguous(), offsets.contiguous(), per_sample_weights)
 
     def pool(self, indices: torch.Tensor, offsets: torch.Tensor,
              per_sample_weights: torch.Tensor | None) -> torch.Tensor:
@@ -290,19 +287,3 @@ class TritonTBE(TableBatchedEmbedding):
         run_starts = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=indices.device)
         torch.cumsum(counts, 0, out=run_starts[1:])
         return bag_of, order, run_starts
-
-
-class _LookupFunction(torch.autograd.Function):
-    """Forward pools; backward updates the rows in place and returns no gradient for anything."""
-
-    @staticmethod
-    def forward(ctx, anchor, tbe: TritonTBE, indices, offsets, per_sample_weights):
-        ctx.tbe = tbe
-        ctx.save_for_backward(indices, offsets, per_sample_weights)
-        return tbe.pool(indices, offsets, per_sample_weights)
-
-    @staticmethod
-    def backward(ctx, grad):
-        indices, offsets, per_sample_weights = ctx.saved_tensors
-        ctx.tbe.apply_gradient(grad, indices, offsets, per_sample_weights)
-        return None, None, None, None, None

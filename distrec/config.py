@@ -97,9 +97,13 @@ class ModelConfig:
 
 @dataclass
 class PlanConfig:
-    """Where each table lives: a plan file, or a built-in placement with per-table overrides."""
+    """Where each table lives: a plan file, the cost-model planner's plan, or a built-in placement, with
+    per-table overrides."""
 
-    default: str = "row_wise"  # table_wise | row_wise | column_wise | data_parallel | table_row_wise
+    # auto: the cost-model planner plans for this job's ranks and device when training starts (the plan
+    # `distrec plan --json` writes for the same inputs; the lists below fix those tables' types) |
+    # table_wise | row_wise | column_wise | data_parallel | table_row_wise: the built-in placement
+    default: str = "auto"
     file: str = ""  # a plan JSON (sharding.plan.save_plan); overrides everything below
     table_wise: list[str] = field(default_factory=list)  # tables placed otherwise than the default
     row_wise: list[str] = field(default_factory=list)
@@ -297,7 +301,7 @@ CHOICES = {
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "early_stop.metric"): ("", "auc", "logloss"),
     ("checkpoint", "keep_best"): ("", "auc", "logloss"),
-    ("plan", "default"): SHARDING_TYPES,
+    ("plan", "default"): ("auto", *SHARDING_TYPES),
     ("plan", "kernel"): KERNELS,
     ("dense", "engine"): ("ddp", "horovod"),
     ("ps", "partition"): ("hash", "range"),

@@ -19,14 +19,13 @@ from distrec.trainer.checkpoint import CheckpointError, agreed, check_writable, 
 from distrec.trainer.dense_parallel import wrap_dense
 from distrec.trainer.dist import DistContext, init_distributed, shutdown
 from distrec.trainer.locks import RunLockError, lock_run_dirs, release
-from distrec.trainer.logs import MetricsLog, write_resolved_config
+from distrec.trainer.logs import MetricsLog, write_plan, write_resolved_config
 from distrec.trainer.loop import report_breakdown, train_loop
 from distrec.trainer.phases import PhaseTimer
 from distrec.trainer.pipeline import pipelining
 from distrec.trainer.plan_check import report_plan_check
 from distrec.trainer.schedule import Schedule, lr_notes
 from distrec.trainer.state import Position, restore
-from sharding.plan import describe_plan
 from sharding.runtime import InputError
 from sharding.types import PlanError
 
@@ -92,8 +91,9 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
         for note in notes + ([f"an earlier run's metrics.jsonl is kept as {log.kept}"] if log.kept else []):
             log.info(note)
         write_resolved_config(cfg.logging.dir, dump_toml(cfg))
-        log.info(f"plan on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}:\n"
-                 + describe_plan(plan, tables))
+        kept = write_plan(cfg.logging.dir, plan, tables)
+        log.info(f"plan on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}, from "
+                 f"{built.chosen.source}{f' (kept as {kept})' if kept else ''}:\n{built.chosen.report}")
         log.info(f"embedding kernel: {embeddings.kernel} ({embeddings.kernel_reason})")
         log.info("pipeline: " + ("on: batch i+1's ids are exchanged while batch i trains (input_wait_ms in "
                                  "metrics.jsonl shows how much of it was not hidden)" if pipelining(cfg, ctx.world_size)

@@ -16,7 +16,8 @@ from sharding.checkpoint import whole_tables
 from tests.conftest import REPO, run_cli
 
 
-MIXED = ['--plan.table_wise=["c2"]', '--plan.column_wise=["c1"]', '--plan.data_parallel=["c3"]']
+ROW_WISE = ["--plan.default=row_wise"]
+MIXED = [*ROW_WISE, '--plan.table_wise=["c2"]', '--plan.column_wise=["c1"]', '--plan.data_parallel=["c3"]']
 
 # Tolerances, from the arithmetic rather than from one CPU. The N-rank run computes the same sums as the
 # 1-rank run in another order (other ranks, other threads, other SIMD widths: AMD and AVX-512 Intel
@@ -74,7 +75,7 @@ PIPELINED = [*MIXED, "--train.pipeline=true"]
 
 
 # Column shards of the 8-wide c1 are 4 wide on 2 ranks (fbgemm can take them), 3/3/2 on 3 ranks (torch and cpu).
-@pytest.mark.parametrize("world,plan,kernel", [(2, [], "fbgemm"), (3, [], "torch"), (2, MIXED, "fbgemm"),
+@pytest.mark.parametrize("world,plan,kernel", [(2, ROW_WISE, "fbgemm"), (3, ROW_WISE, "torch"), (2, MIXED, "fbgemm"),
                                                (3, PIPELINED, "torch"), (2, PIPELINED, "fbgemm"), (3, MIXED, "cpu")],
                          ids=["2-row_wise-fbgemm", "3-row_wise-torch", "2-mixed-fbgemm", "3-mixed-pipelined-torch",
                               "2-mixed-pipelined-fbgemm", "3-mixed-cpu"])
@@ -100,7 +101,7 @@ def test_resharding_2_to_3_ranks_continues_the_same_trajectory(small_data, one_r
     """Checkpoint at 2 ranks row-wise, resume at 3 ranks with a mixed plan: same losses as 1 rank."""
     cfg_path, data = small_data
     ckpt = f"--checkpoint.dir={tmp_path / 'ckpt'}"
-    first, _, _ = trajectory(cfg_path, data, tmp_path / "a", 2, ckpt, steps=20)
+    first, _, _ = trajectory(cfg_path, data, tmp_path / "a", 2, ckpt, *ROW_WISE, steps=20)
     rest, _, stdout = trajectory(cfg_path, data, tmp_path / "b", 3, ckpt, "--checkpoint.resume=true", *MIXED)
     assert "resumed from" in stdout and "at step 20" in stdout
     assert_same_losses(first + rest, one_rank[0])

@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 from tests.tolerance import EPS32
 
 # A mixed plan: every kind of exchange (row-, table-, column-wise, replicas) goes through Horovod.
-MIXED = ['--plan.table_wise=["c2"]', '--plan.column_wise=["c1"]', '--plan.data_parallel=["c3"]']
+MIXED = ["--plan.default=row_wise", '--plan.table_wise=["c2"]', '--plan.column_wise=["c1"]', '--plan.data_parallel=["c3"]']
 # Horovod and DDP compute the same step in another order: their all-reduces add the 2 ranks' dense
 # gradients in other orders and chunkings, the embedding exchanges are the same all-to-alls. As in
 # tests/test_distributed.py, a step's loss is a mean over the global batch (n = GLOBAL_BATCH terms) whose

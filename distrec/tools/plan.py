@@ -19,12 +19,11 @@ from pathlib import Path
 
 from distrec.config import Config, TableSpec, load_config, table_specs
 from distrec.trainer.plan_inputs import (CALIBRATION_ENV, DEFAULT_CALIBRATION, batch_per_rank, calibration_file,
-                                         constraints_of, dense_cost, measure_pooling, pooling_factors, tables_of,
-                                         topology_of, workload_of)
+                                         dense_cost, measure_pooling, plan_config, pooling_factors, tables_of)
 from distrec.tools import calibrate_steps
 from sharding.calibrate import calibrate
 from sharding.plan import save_plan
-from sharding.planner import GB, PlannerError, plan_tables
+from sharding.planner import GB, PlannerError
 from sharding.planner.calibration import CalibrationSpec, save_calibration
 from sharding.planner.report import format_result, format_what_if
 
@@ -88,12 +87,10 @@ def _specs(cfg: Config) -> list[TableSpec]:
 
 def _plan(cfg: Config, specs, args, measured, gpus: int | None = None, batch: int | None = None,
           hbm_gb: float | None = None, preset: str | None = None, nodes: int | None = None):
-    gpus = gpus or args.gpus
-    topo = topology_of(cfg, gpus, preset or args.preset, nodes or args.nodes, calibration_file(cfg, args.calibration),
+    return plan_config(cfg, specs, gpus or args.gpus, preset or args.preset, nodes or args.nodes,
+                       calibration_file(cfg, args.calibration), batch or args.batch_size, measured,
                        hbm_gb=hbm_gb or args.hbm_gb, mem_bw_gbps=args.mem_bw_gbps,
                        intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
-    work = workload_of(cfg, specs, gpus, batch or args.batch_size, measured)
-    return plan_tables(tables_of(specs), topo, work, constraints_of(cfg), cfg.planner.data_parallel_max_mb * 1e6)
 
 
 def parse_what_if(items: list[str]) -> list[dict[str, str]]:

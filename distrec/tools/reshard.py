@@ -34,12 +34,18 @@ def unsharded(state: dict) -> dict:
             "step": state["position"]["step"]}
 
 
+def offline_default(cfg: Config) -> str:
+    """plan.default, where "auto" (the planner, which plans for the training job's device when it starts
+    and reshards on load anyway) is the built-in row-wise cut here."""
+    return "row_wise" if cfg.plan.default == "auto" else cfg.plan.default
+
+
 def resharded(state: dict, cfg: Config, world_size: int) -> tuple[dict, list[dict]]:
     """(common part, one rank file's content per new rank): the shards cut for the new plan, each on the
     rank that will hold it; a data-parallel table goes to every rank."""
     tables = _tables(state)
     plan = load_plan(cfg.plan.file, tables, world_size) if cfg.plan.file else \
-        simple_plan(tables, world_size, cfg.plan.default, cfg.plan.overrides())
+        simple_plan(tables, world_size, offline_default(cfg), cfg.plan.overrides())
     kind = state["config"]["optimizer"]["sparse"]
     owns = []
     for rank in range(world_size):
@@ -75,7 +81,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     common, owns = resharded(state, cfg, args.world_size)
     save_checkpoint(Path(args.out), state["position"]["step"], common, owns, keep=1)
     print(f"wrote {args.out}: step {state['position']['step']}, {sum(len(o['shards']) for o in owns)} shards "
-          f"for {args.world_size} ranks")
+          f"for {args.world_size} ranks ({f'plan {cfg.plan.file}' if cfg.plan.file else offline_default(cfg)})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""metrics.jsonl, the resolved config, and rank 0's progress bar.
+"""metrics.jsonl, the resolved config and plan, and rank 0's progress bar.
 
     log = MetricsLog("runs/demo/logs", is_main=True, total_steps=488, progress=True)
     log.train_window(step=50, samples=204800, loss=0.41, samples_per_s=51000.0, input_wait_ms=0.0)
@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 from tqdm import tqdm
+
+from sharding.plan import save_plan
 
 
 class MetricsLog:
@@ -74,3 +76,15 @@ def write_resolved_config(log_dir: str, toml_text: str) -> None:
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         (Path(log_dir) / "config.toml").write_text(toml_text)
+
+
+PLAN_FILE = "plan.json"  # the plan a run ran, in the run's log folder: `--plan` takes it to pin it
+
+
+def write_plan(log_dir: str, plan, tables) -> str:
+    """Keep the run's plan beside its config; returns where (or "" without a log folder)."""
+    if not log_dir:
+        return ""
+    path = Path(log_dir) / PLAN_FILE
+    save_plan(path, plan, tables)
+    return str(path)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import resource
 
 from distrec.trainer.dist import all_gather_object
-from distrec.trainer.plan_inputs import calibration_file, tables_of, topology_of, workload_of
+from distrec.trainer.plan_inputs import calibration_file, device_preset, tables_of, topology_of, workload_of
 from sharding.planner import GB, estimate_plan
 from sharding.planner.types import PlannerError
 
@@ -38,9 +38,8 @@ def report_plan_check(cfg, ctx, plan, specs, embeddings, result: dict, log) -> N
     measured = all_gather_object([weights, state, rss], ctx)
     if not ctx.is_main:
         return
-    preset = "cpu" if ctx.device.type == "cpu" else None
     try:
-        topo = topology_of(cfg, ctx.world_size, preset, calibration=calibration_file(cfg))
+        topo = topology_of(cfg, ctx.world_size, device_preset(cfg, ctx.device.type), calibration=calibration_file(cfg))
         ranks = estimate_plan(plan, tables_of(specs), topo, workload_of(cfg, specs, ctx.world_size))
     except PlannerError as e:
         log.info(f"plan check: no estimate ({e})")

@@ -1,9 +1,10 @@
 """The planner's inputs from a config: tables, ids per sample, the dense model's cost, constraints,
-the topology (preset, overrides, calibrated rates) and the workload. Used by the trainer's plan check,
-``distrec plan`` and calibration.
+the topology (preset, overrides, calibrated rates) and the workload; and the plan they give. Used by
+``distrec plan``, the trainer (its plan when ``plan.default = "auto"``, and its plan check) and calibration.
 
     topo = topology_of(cfg, world_size=8, preset="h100-80g", calibration=calibration_file(cfg))
     work = workload_of(cfg, table_specs(cfg), world_size=8)
+    result = plan_config(cfg, table_specs(cfg), world_size=8)   # what `distrec plan --gpus 8` prints
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import math
 import os
 from pathlib import Path
 
-from distrec.config import Config, TableSpec
-from sharding.planner import GB, DenseCost, TableConstraints, Topology, Workload, make_topology
+from distrec.config import Config, ConfigError, TableSpec
+from sharding.planner import (GB, DenseCost, PlanResult, TableConstraints, Topology, Workload, make_topology,
+                              plan_tables)
 from sharding.planner.calibration import apply_calibration, load_calibration
 from sharding.types import ShardingType, TableConfig
 
@@ -65,11 +67,18 @@ def dense_cost(cfg: Config, specs: list[TableSpec]) -> DenseCost:
 
 
 def constraints_of(cfg: Config) -> dict[str, TableConstraints]:
+    """planner.allowed_types and planner.pinned_ranks; with ``plan.default = "auto"`` the [plan] section's
+    per-table lists (``row_wise = ["C1"]``) fix those tables' types, and the planner places them."""
     p = cfg.planner
-    names = set(p.allowed_types) | set(p.pinned_ranks)
-    return {n: TableConstraints(
-        allowed=tuple(ShardingType(k) for k in p.allowed_types[n]) if n in p.allowed_types else None,
-        ranks=tuple(p.pinned_ranks[n]) if n in p.pinned_ranks else None) for n in sorted(names)}
+    allowed = {n: tuple(ShardingType(k) for k in kinds) for n, kinds in p.allowed_types.items()}
+    for name, kind in (cfg.plan.overrides().items() if cfg.plan.default == "auto" else ()):
+        if name in allowed and ShardingType(kind) not in allowed[name]:
+            raise ConfigError(f"{cfg.source}: table {name} is listed in plan.{kind} but planner.allowed_types "
+                              f"gives it only {', '.join(k.value for k in allowed[name])}")
+        allowed[name] = (ShardingType(kind),)
+    names = set(allowed) | set(p.pinned_ranks)
+    return {n: TableConstraints(allowed=allowed.get(n), ranks=tuple(p.pinned_ranks[n]) if n in p.pinned_ranks else None)
+            for n in sorted(names)}
 
 
 def batch_per_rank(cfg: Config, world_size: int) -> int:
@@ -96,6 +105,23 @@ def topology_of(cfg: Config, world_size: int, preset: str | None = None, nodes: 
                          **{k: v * GB for k, v in overrides.items() if v is not None})
     rates = load_calibration(calibration, name) if calibration else None
     return apply_calibration(topo, rates, str(calibration)) if rates else topo
+
+
+def device_preset(cfg: Config, device_type: str) -> str:
+    """The preset a job on this device plans and estimates with: ``cpu`` on CPU ranks (a GPU preset
+    would price a CPU run with HBM numbers), else planner.preset."""
+    return "cpu" if device_type == "cpu" else cfg.planner.preset
+
+
+def plan_config(cfg: Config, specs: list[TableSpec], world_size: int, preset: str | None = None,
+                nodes: int | None = None, calibration: Path | None = None, batch: int | None = None,
+                measured_pooling: dict[str, float] | None = None, **flags) -> PlanResult:
+    """The cost-model planner's plan for the config's tables on ``world_size`` ranks (``flags`` as in
+    ``topology_of``): `distrec plan` and the trainer's ``plan.default = "auto"`` both plan through here,
+    so the same inputs give the same plan."""
+    topo = topology_of(cfg, world_size, preset, nodes, calibration, **flags)
+    work = workload_of(cfg, specs, world_size, batch, measured_pooling)
+    return plan_tables(tables_of(specs), topo, work, constraints_of(cfg), cfg.planner.data_parallel_max_mb * 1e6)
 
 
 def workload_of(cfg: Config, specs: list[TableSpec], world_size: int, batch: int | None = None,

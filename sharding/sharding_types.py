@@ -21,6 +21,7 @@ model all ask here; the runtime needs none of it (every type is shards with row 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sharding.types import PlanError, Shard, ShardingType, TableConfig, rank_list
@@ -33,9 +34,43 @@ ANY, LISTED, NODE, EVERY = "any", "listed", "node", "every"
 
 def row_cut(t: TableConfig, n: int) -> tuple[Shard, ...]:
     """Blocks of ceil(rows / n) rows, none empty: a table with fewer rows than ``n`` gets fewer shards."""
-    block = -(-t.num_rows // n)
-    return tuple(Shard(None, start, min(start + block, t.num_rows), 0, t.dim)
-                 for start in range(0, t.num_rows, block))
+    return tuple(RowBlocks(t, n))
+
+
+class RowBlocks(Sequence):
+    """``row_cut(t, n)``'s shards, each made when read. The planner holds two row cuts per table (row-
+    wise, table-row-wise) and reads two shards of most: 10,000 tables on 256 ranks would otherwise make
+    5 million shards, seconds of the planning time.
+
+        RowBlocks(TableConfig("C1", 1000, 8), 3)[2]     # Shard(None, 668, 1000, 0, 8)
+    """
+
+    __slots__ = ("rows", "dim", "block", "n")
+
+    def __init__(self, t: TableConfig, n: int):
+        self.rows, self.dim, self.block = t.num_rows, t.dim, -(-t.num_rows // n)
+        self.n = -(-self.rows // self.block)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[k] for k in range(*i.indices(self.n)))
+        k = i + self.n if i < 0 else i
+        if not 0 <= k < self.n:
+            raise IndexError(i)
+        start = k * self.block
+        return Shard(None, start, min(start + self.block, self.rows), 0, self.dim)
+
+    def __iter__(self):
+        return map(self.__getitem__, range(self.n))
+
+    def __eq__(self, other) -> bool:
+        return tuple(self) == tuple(other) if isinstance(other, Sequence) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
 
 
 def column_cut(t: TableConfig, n: int) -> tuple[Shard, ...]:

@@ -13,9 +13,12 @@ from sharding.planner import (GB, DenseCost, InfeasiblePlanError, PlannerError, 
                               estimate_plan, make_topology, plan_tables, simple_plan)
 from sharding.planner.calibration import CalibrationSpec, apply_calibration, load_calibration, save_calibration
 from sharding.planner.enumerators import column_counts, enumerate_options
+from sharding.planner.partition import Search
+from sharding.planner.planner import DEFAULT_DP_MAX_BYTES
 from sharding.planner.estimate import PieceCost, RankModel, alltoall_seconds_per_byte, optimizer_bytes, piece_cost
 from sharding.planner.report import format_result, format_what_if
 from sharding.runtime import ShardedEmbeddingCollection
+from sharding.sharding_types import RowBlocks, row_cut
 from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig, TablePlan
 from tests.ranks import run_ranks
 from tests.tolerance import assert_within, sum_tol
@@ -197,6 +200,57 @@ def test_many_tables_plan_validates():
     assert result.imbalance < 0.10
 
 
+def memory_heavy_tables(n: int, ranks: int) -> list[TableConfig]:
+    """``n`` tables of mixed rows and dims filling about half of ``ranks`` h200s (as the sweep's)."""
+    import random
+
+    rng = random.Random(0)
+    tables = [(int(10 ** rng.uniform(2, 8)), rng.choice([16, 32, 64, 128, 256])) for _ in range(n)]
+    scale = 0.5 * ranks * 141e9 / sum(rows * (dim + 1) * 4 for rows, dim in tables)
+    return [TableConfig(f"t{i}", max(2, int(rows * min(scale, 1.0))), dim) for i, (rows, dim) in enumerate(tables)]
+
+
+def search_until_memory(tables: list[TableConfig], topo: Topology, workload: Workload) -> Search:
+    """The search's stages up to spreading memory (``Search.run`` without the last two)."""
+    options = [enumerate_options(t, topo, TableConstraints(), DEFAULT_DP_MAX_BYTES) for t in tables]
+    search = Search(tables, options, topo, workload)
+    search._choose(1.0)
+    search._split_large()
+    search._place_all()
+    assert search.feasible()
+    search._local_search()
+    return search
+
+
+@pytest.mark.parametrize("n,ranks", [(300, 8), (1000, 16)])
+def test_spreading_memory_evens_the_ranks_without_slowing_the_slowest(n, ranks):
+    """A time-balanced plan leaves no rank time to spare for a move: swapping a large shard of the fullest
+    rank with a smaller one elsewhere still evens memory (here from 1.3x the mean to within 1.1x)."""
+    topo, workload = make_topology("h200", ranks), Workload(8192, "rowwise_adagrad")
+    search = search_until_memory(memory_heavy_tables(n, ranks), topo, workload)
+    slowest, mem = search.times().max(), search.cols.mem.copy()
+    assert mem.max() > 1.2 * mem.mean()
+    search._spread_memory()
+    assert search.times().max() <= slowest  # every move and swap keeps both ranks below it
+    assert search.cols.mem.max() <= 1.1 * search.cols.mem.mean()
+    assert sorted(search.cols.mem.tolist()) != sorted(mem.tolist())
+    placed = {(ti, pi): r for r in range(ranks) for ti, pi in search.on_rank[r]}
+    movable = [(ti, rs) for ti, rs in enumerate(search.ranks) if search._movable(ti)]
+    assert placed == {(ti, pi): r for ti, rs in movable for pi, r in enumerate(rs)}
+    assert all(len(set(rs)) == len(rs) for rs in search.ranks)  # a table's shards on distinct ranks
+
+
+def test_row_blocks_read_as_the_row_cut():
+    for rows, n in [(1000, 3), (10, 4), (3, 8), (256, 256), (1, 1)]:
+        t = TableConfig("t", rows, 8)
+        cut = tuple(Shard(None, s, min(s + -(-rows // n), rows), 0, 8) for s in range(0, rows, -(-rows // n)))
+        blocks = RowBlocks(t, n)
+        assert row_cut(t, n) == cut and tuple(blocks) == cut and len(blocks) == len(cut) and blocks == cut
+        assert blocks[-1] == cut[-1] and blocks[1:] == cut[1:] and blocks[::-1] == cut[::-1]
+        with pytest.raises(IndexError):
+            blocks[len(cut)]
+
+
 # ---------------------------------------------------------------------------------------- constraints
 
 def test_allowed_types_and_pinned_ranks_are_respected():
@@ -259,6 +313,19 @@ def test_pinned_tables_that_cannot_fit_name_the_rank():
         plan_tables(tables, topo, Workload(64, "adagrad"), pins)
     assert err.value.tables == ["a", "b"] or err.value.tables == ["b"]
     assert "rank 2 lacks" in str(err.value) and "more ranks do not help" in str(err.value)
+
+
+def test_buffers_alone_too_large_says_more_ranks_do_not_help_without_trying_them(monkeypatch):
+    """Every rank holds its own samples' all-to-all buffers for every table whatever the rank count:
+    at 200 tables x 2e6 samples that alone is more than a rank has, so no world size is tried."""
+    tables = [TableConfig(f"t{i}", 1000, 64) for i in range(200)]
+    floor = 200 * 2e6 * (2 * 2 * 8 + 2 * 64 * 4)  # per table ids + lengths twice, pooled rows, gradients
+    topo = simple_topology(world=4, hbm_bytes=int(floor * 0.9))
+    monkeypatch.setattr("sharding.planner.planner._smallest_world", lambda *a: pytest.fail("tried more ranks"))
+    with pytest.raises(InfeasiblePlanError) as err:
+        plan_tables(tables, topo, Workload(2_000_000, "sgd", pooling={}))
+    assert err.value.suggestion.endswith("(more ranks do not help)"), err.value.suggestion
+    assert int(err.value.suggestion.split("--hbm-gb ")[1].split(")")[0]) * GB > floor
 
 
 # ------------------------------------------------------------------------------------- JSON, report

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from sharding.planner.estimate import FP32_BYTES
 from sharding.planner.types import PlannerError, ShardOption, TableConstraints, Topology
-from sharding.sharding_types import RULES
+from sharding.sharding_types import RULES, RowBlocks
 from sharding.types import ShardingType, TableConfig
 
 # Narrowest column shard: 8 fp32 = 32 bytes, one memory transaction sector on NVIDIA GPUs (CUDA C++
@@ -69,7 +69,7 @@ def _candidate_ranks(t: TableConfig, topo: Topology, constraints: TableConstrain
 
 
 def _row_option(t: TableConfig, kind: ShardingType, ranks: tuple[int, ...]) -> ShardOption:
-    shards = RULES[kind].cut(t, len(ranks))
+    shards = RowBlocks(t, len(ranks))  # RULES[kind].cut(t, len(ranks)) (RW, TWRW: rows), read when needed
     return ShardOption(t.name, kind, shards, ranks[:len(shards)])
 
 

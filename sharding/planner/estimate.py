@@ -28,9 +28,11 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+import numpy as np
+
 from sharding.planner.exchange import two_level_delta
 from sharding.planner.types import DenseCost, MemoryCost, RankCost, ShardOption, TimeCost, Topology, Workload
-from sharding.sharding_types import RULES
+from sharding.sharding_types import ROWS, RULES
 from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig, state_names
 
 FP32_BYTES = 4  # weights, optimizer state, pooled rows and their gradients are fp32 in the runtime
@@ -167,7 +169,8 @@ def requester_bytes(t: TableConfig, option: ShardOption, work: Workload) -> tupl
         return 0.0, 0.0, 0.0
     b, pf, n = work.batch_per_rank, work.pooling_factor(t.name), len(option.shards)
     ids = b * (pf * rule.id_copies(n) + n) * ID_BYTES  # and one length per shard and sample
-    pooled = b * sum(p.width for p in option.shards) * FP32_BYTES
+    widths = n * t.dim if rule.axis == ROWS else sum(p.width for p in option.shards)  # a row shard is whole-width
+    pooled = b * widths * FP32_BYTES
     return ids, pooled, pooled
 
 
@@ -206,14 +209,12 @@ class RankModel:
                         comm_bwd=max(v.grads_in, grad) * s + self.bwd_latency,
                         allreduce=v.allreduce_s + self.replica_latency, dense=self.dense, other=self.other)
 
-    def times(self, base: list[float], ids: list[float], out: list[float], grad: list[float]) -> list[float]:
-        """Total seconds of every rank from per-rank columns: lookup + all-reduce seconds (``base``) and
-        the owner-side bytes of the three all-to-alls (the partitioner's inner loop)."""
+    def times(self, base: np.ndarray, ids: np.ndarray, out: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        """Total seconds of every rank from per-rank columns (arrays): lookup + all-reduce seconds
+        (``base``) and the owner-side bytes of the three all-to-alls (the partitioner's inner loop)."""
         s, (ri, ro, rg) = self.s_per_byte, self.requester
         c = self.fwd_latency + self.bwd_latency + self.replica_latency + self.dense + self.other
-        # conditional expressions, not max(): this runs millions of times on large plans
-        return [b + ((i if i > ri else ri) + (o if o > ro else ro) + (g if g > rg else rg)) * s + c
-                for b, i, o, g in zip(base, ids, out, grad)]
+        return base + (np.maximum(ids, ri) + np.maximum(out, ro) + np.maximum(grad, rg)) * s + c
 
     def memory(self, v: PieceCost) -> MemoryCost:
         return MemoryCost(weights=v.weights, optimizer=v.optimizer, workspace=v.workspace,
@@ -247,20 +248,20 @@ def option_of(t: TableConfig, tp) -> tuple[ShardOption, list[int]]:
 
 def estimate_plan(plan: ShardingPlan, tables: list[TableConfig], topo: Topology, work: Workload) -> list[RankCost]:
     """Per-rank memory and time of any plan (built by the planner, ``simple_plan`` or by hand)."""
-    sums = [[0.0] * len(PieceCost._fields) for _ in range(topo.world_size)]
+    sums = np.zeros((topo.world_size, len(PieceCost._fields)))
     chosen = []
     for t in tables:
         option, ranks = option_of(t, plan.tables[t.name])
         chosen.append((t, option))
-        cache: dict[tuple[int, int], PieceCost] = {}  # row shards and replicas repeat one shape
+        by_shape: dict[tuple[int, int], list[int]] = {}  # row shards and replicas repeat one shape
         for shard, rank in zip(option.shards, ranks):
-            key = (shard.num_rows, shard.width)
-            if key not in cache:
-                cache[key] = piece_cost(t, shard, option.kind, work, topo)
-            sums[rank] = [a + b for a, b in zip(sums[rank], cache[key])]
+            by_shape.setdefault((shard.row_end - shard.row_start, shard.col_end - shard.col_start), []).append(rank)
+        for (rows, width), on in by_shape.items():
+            cost = piece_cost(t, Shard(None, 0, rows, 0, width), option.kind, work, topo)
+            np.add.at(sums, on, np.array(cost))  # unbuffered: a rank holding two shards adds both
     model = rank_model(chosen, topo, work)
-    times = [model.time(PieceCost(*v)) for v in sums]
+    times = [model.time(PieceCost(*map(float, v))) for v in sums]
     if plan.exchange == "two_level":  # the pooled rows and their gradients go within the node first
         times = [dataclasses.replace(t, comm_fwd=t.comm_fwd + d, comm_bwd=t.comm_bwd + d)
                  for t, d in zip(times, two_level_delta(plan, topo, work))]
-    return [RankCost(r, model.memory(PieceCost(*v)), t) for r, (v, t) in enumerate(zip(sums, times))]
+    return [RankCost(r, model.memory(PieceCost(*map(float, v))), t) for r, (v, t) in enumerate(zip(sums, times))]

@@ -15,12 +15,16 @@ Greedy, no exhaustive search (thousands of tables, hundreds of ranks):
    memory, whichever is the larger share of a rank) onto the least-loaded rank with room;
 4. local search on the slowest rank: move one of its shards to the rank where it ends fastest, or
    give one of its tables another option (split further, replicate), while that lowers the slowest
-   rank's time; then move shards off the fullest rank where no rank gets slower than the slowest;
+   rank's time; then move shards off the fullest rank, or swap them with smaller shards of other
+   ranks, where no rank gets slower than the slowest;
 5. every table tries every other option in place; those results explain the plan.
 
 If shards do not pack into memory, steps 1-3 run again with smaller shards (a smaller share of a
 rank per shard), down to 1/W. Each shard's cost comes down to a ``Hot`` (five numbers); per rank the
-search keeps their sums in ``Columns`` (``estimate.RankModel.times`` turns them into time).
+search keeps their sums in ``Columns``, numpy arrays over the ranks (``estimate.RankModel.times`` turns
+them into time), so that trying a table on every rank costs a few array operations, not a Python loop
+over the ranks: 10,000 tables on 256 ranks plan in seconds (docs/benchmarks.md). The arrays add in the
+same order as a loop would, so plans do not depend on it.
 """
 from __future__ import annotations
 
@@ -28,9 +32,11 @@ import operator
 from collections import Counter
 from typing import NamedTuple
 
+import numpy as np
+
 from sharding.planner.estimate import PieceCost, RankModel, alltoall_seconds_per_byte, piece_cost, requester_bytes
 from sharding.planner.types import ShardOption, Topology, Workload, human_bytes
-from sharding.sharding_types import ANY, EVERY, LISTED, NODE, RULES
+from sharding.sharding_types import ANY, EVERY, LISTED, NODE, ROWS, RULES
 from sharding.types import ShardingType, TableConfig
 
 # A shard slower than this fraction of the mean rank's work is split before placement: one piece
@@ -40,11 +46,13 @@ SPLIT_FRACTION = 1.0
 PIECE_MEMORY_SHARES = (1.0, 0.5, 0.25, 0.125, 0.0625)
 LOCAL_SEARCH_CANDIDATES = 4  # the slowest rank's largest shards tried per local-search step
 MAX_LOCAL_STEPS_PER_TABLE = 4
+MAX_MEMORY_STEPS_PER_RANK = 8  # moves and swaps off the fullest rank (each lowers it or moves it)
 MAX_FINAL_PASSES = 3  # passes over all tables trying every other option (they also explain the plan)
 # The final passes take another option only for this much less step time (a fraction): smaller gains
 # are below what the model can tell apart, and each one makes the tables tried before it be tried again.
 FINAL_PASS_MIN_GAIN = 1e-3
 EPS_S = 1e-12
+VECTOR_FROM_SHARDS = 4  # options with this many shards or more are added to the columns as arrays
 
 
 class Hot(NamedTuple):
@@ -61,19 +69,22 @@ class Hot(NamedTuple):
         return cls(c.lookup_fwd_s + c.lookup_bwd_s + c.allreduce_s, c.ids_in, c.pooled_out, c.grads_in, c.memory)
 
 
+MEM = Hot._fields.index("mem")
+
+
 class Columns:
-    """Per-rank sums of the shards' ``Hot`` costs, one list per field (rank r: ``cols.mem[r]``)."""
+    """Per-rank sums of the shards' ``Hot`` costs, one float64 array per field (rank r: ``cols.mem[r]``)."""
 
     __slots__ = Hot._fields
 
     def __init__(self, world_size: int):
         for name in self.__slots__:
-            setattr(self, name, [0.0] * world_size)
+            setattr(self, name, np.zeros(world_size))
 
     def copy(self) -> "Columns":
         other = Columns(0)
         for name in self.__slots__:
-            setattr(other, name, getattr(self, name)[:])
+            setattr(other, name, getattr(self, name).copy())
         return other
 
     def add(self, r: int, h: Hot, sign: float = 1) -> None:
@@ -85,17 +96,37 @@ class Columns:
 
     def add_columns(self, delta: "Columns", sign: int) -> None:
         """Every rank at once (an option with a shard on every rank)."""
-        op = operator.add if sign > 0 else operator.sub
+        op = operator.iadd if sign > 0 else operator.isub
         for name in self.__slots__:
-            setattr(self, name, list(map(op, getattr(self, name), getattr(delta, name))))
+            op(getattr(self, name), getattr(delta, name))
 
-    def times(self, model: RankModel) -> list[float]:
+    def times(self, model: RankModel) -> np.ndarray:
         return model.times(self.seconds, self.ids, self.out, self.grad)
 
-    def time_with(self, model: RankModel, r: int, h: Hot) -> float:
-        """Rank ``r``'s time if it also held ``h``."""
-        return model.times([self.seconds[r] + h.seconds], [self.ids[r] + h.ids], [self.out[r] + h.out],
-                           [self.grad[r] + h.grad])[0]
+    def times_with(self, model: RankModel, ranks: np.ndarray, h: Hot) -> np.ndarray:
+        """The time of each of ``ranks`` if it also held ``h``."""
+        return model.times(self.seconds[ranks] + h.seconds, self.ids[ranks] + h.ids, self.out[ranks] + h.out,
+                           self.grad[ranks] + h.grad)
+
+
+class Movable:
+    """The shards the memory spreading may move or swap (placement ANY over every rank) as arrays over
+    the shards: a swap partner for one shard is a few array operations among thousands of shards."""
+
+    def __init__(self, search: "Search"):
+        w = search.topo.world_size
+        self.slots = [(ti, pi) for r in range(w) for ti, pi in sorted(search.on_rank[r])
+                      if len(search.options[ti][search.choice[ti]].ranks) == w]
+        self.index = {slot: k for k, slot in enumerate(self.slots)}
+        hot = np.array([search.costs[ti][search.choice[ti]][pi] for ti, pi in self.slots], dtype=np.float64)
+        self.seconds, self.ids, self.out, self.grad, self.mem = hot.reshape(-1, len(Hot._fields)).T
+        self.rank = np.array([search.ranks[ti][pi] for ti, pi in self.slots], dtype=np.intp)
+        self.table = np.array([ti for ti, _ in self.slots], dtype=np.intp)
+
+    def moved(self, ti: int, pi: int, dst: int) -> None:
+        k = self.index.get((ti, pi))
+        if k is not None:
+            self.rank[k] = dst
 
 
 class Aggregate:
@@ -131,8 +162,21 @@ class Search:
         self.tables, self.options, self.topo, self.work = tables, options, topo, work
         self.s_per_byte = alltoall_seconds_per_byte(topo)
         self.costs = [[self._option_costs(t, o) for o in opts] for t, opts in zip(tables, options)]
-        self.work_s = [[sum(self.piece_s(c) for c in cs) for cs in per] for per in self.costs]
+        self.work_s, self._max_mem, self._max_s = [], [], []
+        for per in self.costs:
+            work, top_mem, top_s = [], [], []
+            for cs in per:
+                distinct = dict(zip(map(id, cs), cs))  # row shards and replicas repeat one or two costs
+                seconds = {k: self.piece_s(h) for k, h in distinct.items()}
+                work.append(sum(map(seconds.__getitem__, map(id, cs))))  # in shard order, as a loop would
+                top_mem.append(max(h.mem for h in distinct.values()))
+                top_s.append(max(seconds.values()))
+            self.work_s.append(work)
+            self._max_mem.append(top_mem)
+            self._max_s.append(top_s)
         self._deltas: dict[tuple[int, int], Columns] = {}  # see _everywhere
+        self._rank_arrays: dict[tuple[int, int], np.ndarray] = {}  # see rank_array
+        self._cost_arrays: dict[tuple[int, int], np.ndarray] = {}  # see cost_array
         self.reset()
 
     def reset(self) -> None:
@@ -149,12 +193,19 @@ class Search:
             self.agg.add(t, opts[oi])
         self.model: RankModel = self.agg.model()
         self.alternatives: list[list[tuple[int, float | None]]] = []
+        self.movable: Movable | None = None  # while spreading memory
 
     # ---- costs ------------------------------------------------------------------------------------
     def _option_costs(self, t: TableConfig, option: ShardOption) -> list[Hot]:
-        cache: dict[tuple[int, int], Hot] = {}  # row shards and replicas repeat one shape
+        shards = option.shards
+        if len(shards) > 2 and RULES[option.kind].axis == ROWS:  # row_cut: equal blocks, the last one shorter
+            first, last = (Hot.of(piece_cost(t, p, option.kind, self.work, self.topo)) for p in (shards[0], shards[-1]))
+            return [first] * (len(shards) - 1) + [last]
+        if len(shards) > 2 and len(set(map(id, shards))) == 1:  # replicas: one shard, W times
+            return [Hot.of(piece_cost(t, shards[0], option.kind, self.work, self.topo))] * len(shards)
+        cache: dict[tuple[int, int], Hot] = {}  # column shards repeat a width or two
         out = []
-        for p in option.shards:
+        for p in shards:
             key = (p.num_rows, p.width)
             if key not in cache:
                 cache[key] = Hot.of(piece_cost(t, p, option.kind, self.work, self.topo))
@@ -165,25 +216,51 @@ class Search:
         return h.seconds + (h.ids + h.out + h.grad) * self.s_per_byte
 
     def max_piece_mem(self, ti: int, oi: int) -> float:
-        return max(h.mem for h in self.costs[ti][oi])
+        return self._max_mem[ti][oi]
 
     def max_piece_s(self, ti: int, oi: int) -> float:
-        return max(self.piece_s(h) for h in self.costs[ti][oi])
+        return self._max_s[ti][oi]
+
+    def cost_array(self, ti: int, oi: int) -> np.ndarray:
+        """Option ``oi``'s shard costs as a [shard, Hot field] array (cached)."""
+        key = (ti, oi)
+        if key not in self._cost_arrays:
+            costs = self.costs[ti][oi]
+            distinct = dict(zip(map(id, costs), range(len(costs))))  # row shards and replicas: one or two
+            rows = np.array([costs[k] for k in distinct.values()], dtype=np.float64)
+            code = dict(zip(distinct, range(len(distinct))))
+            self._cost_arrays[key] = rows[list(map(code.__getitem__, map(id, costs)))]
+        return self._cost_arrays[key]
+
+    def rank_array(self, ti: int, oi: int) -> np.ndarray:
+        """Option ``oi``'s candidate (or listed) ranks as an index array (cached)."""
+        key = (ti, oi)
+        if key not in self._rank_arrays:
+            self._rank_arrays[key] = np.array(self.options[ti][oi].ranks, dtype=np.intp)
+        return self._rank_arrays[key]
 
     def free_bytes(self, rank: int) -> float:
-        return self.model.free_bytes() - self.cols.mem[rank]
+        return float(self.model.free_bytes() - self.cols.mem[rank])
 
-    def times(self) -> list[float]:
+    def times(self) -> np.ndarray:
         return self.cols.times(self.model)
 
     def overfull(self) -> list[int]:
-        return [r for r in range(self.topo.world_size) if self.free_bytes(r) < 0]
+        return np.flatnonzero(self.cols.mem > self.model.free_bytes()).tolist()
 
     def feasible(self) -> bool:
         return not (self.too_big or self.unplaced or self.overfull())
 
     # ---- the stages -------------------------------------------------------------------------------
     def run(self) -> None:
+        if self.place():
+            self._local_search()
+            self._spread_memory()
+            self.alternatives = self._final_passes()
+
+    def place(self) -> bool:
+        """Steps 1-3, with smaller shards until they pack; whether every shard has a rank with room
+        (the rest only moves shards where they fit, so this is what decides feasibility)."""
         for share in PIECE_MEMORY_SHARES:
             self.reset()
             self._choose(share)
@@ -191,20 +268,22 @@ class Search:
             self._place_all()
             if self.feasible() or self.too_big:
                 break
-        if self.feasible():
-            self._local_search()
-            self._spread_memory()
-            self.alternatives = self._final_passes()
+        return self.feasible()
 
     def _spread_memory(self) -> None:
-        """Move shards off the rank with the most memory onto ranks with less, where that keeps every
-        rank below the slowest rank's time: the step time stays, memory headroom grows."""
-        for _ in range(MAX_LOCAL_STEPS_PER_TABLE * len(self.tables)):
-            mem, worst = self.cols.mem, max(self.times())
-            m = max(range(len(mem)), key=mem.__getitem__)
+        """Lower the fullest rank's memory where that keeps every rank below the slowest rank's time:
+        move one of its shards to a rank with less, else swap it with a smaller shard of another rank
+        (a balanced plan has no rank with time to spare for a move). The step time stays, memory
+        headroom grows."""
+        self.movable = Movable(self)
+        for _ in range(MAX_MEMORY_STEPS_PER_RANK * self.topo.world_size):
+            m, worst = int(np.argmax(self.cols.mem)), float(self.times().max())
             pieces = sorted(self.on_rank[m], key=lambda x: -self.costs[x[0]][self.choice[x[0]]][x[1]].mem)
-            if not any(self._move_for_memory(ti, pi, m, worst) for ti, pi in pieces[:LOCAL_SEARCH_CANDIDATES]):
+            pieces = pieces[:LOCAL_SEARCH_CANDIDATES]
+            if not (any(self._move_for_memory(ti, pi, m, worst) for ti, pi in pieces)
+                    or any(self._swap_for_memory(ti, pi, m, worst) for ti, pi in pieces)):
                 break
+        self.movable = None
 
     def _final_passes(self) -> list[list[tuple[int, float | None]]]:
         """Try every other option of every table in place (the rest where it is); take one that lowers
@@ -227,7 +306,7 @@ class Search:
 
     def _alternatives(self, ti: int, improve: bool) -> tuple[list[tuple[int, float | None]], bool]:
         alts = [(oi, self.trial(ti, oi)) for oi in range(len(self.options[ti])) if oi != self.choice[ti]]
-        worst = max(self.times())
+        worst = float(self.times().max())
         better = [(after, oi) for oi, after in alts if after is not None and after < worst * (1 - FINAL_PASS_MIN_GAIN)]
         if not (better and improve):
             return alts, False
@@ -331,35 +410,39 @@ class Search:
         oi = self.choice[ti] if oi is None else oi
         cols, model = cols or self.cols, model or self.model
         option, costs, free, mem = self.options[ti][oi], self.costs[ti][oi], model.free_bytes(), cols.mem
-        placement = self._placement(ti, oi)
+        placement, at = self._placement(ti, oi), self.rank_array(ti, oi)
         if placement in (LISTED, EVERY):
-            return list(option.ranks) if all(free - mem[r] >= h.mem for r, h in zip(option.ranks, costs)) else None
+            fits = (free - mem[at] >= self.cost_array(ti, oi)[:, MEM]).all()  # shard i on the i-th rank
+            return list(option.ranks) if fits else None
         times = cols.times(model)
         if placement == NODE:
             return self._fit_node(option, costs, times, free, mem)
-        if len(costs) == 1:  # most tables: the least loaded rank, if it has room
-            r = min(option.ranks, key=times.__getitem__)
+        if len(costs) == 1:  # most tables: the least loaded rank (the lower on ties), if it has room
+            r = int(at[np.argmin(times[at])])
             if free - mem[r] >= costs[0].mem:
                 return [r]
-        order = sorted(option.ranks, key=times.__getitem__)  # stable: ties go to the lower rank
+        order = at[np.argsort(times[at], kind="stable")]  # stable: ties go to the lower rank
+        if len(set(map(id, costs))) == 1:  # equal shards (column counts divide the dim): the first with room
+            roomy = order[free - mem[order] >= costs[0].mem]
+            return roomy[:len(costs)].tolist() if len(roomy) >= len(costs) else None
+        order, room = order.tolist(), (free - mem).tolist()
         ranks: list[int] = []
         for h in costs:
-            r = next((r for r in order if free - mem[r] >= h.mem and r not in ranks), None)
+            r = next((r for r in order if room[r] >= h.mem and r not in ranks), None)
             if r is None:
                 return None
             ranks.append(r)
         return ranks
 
-    def _fit_node(self, option: ShardOption, costs, times: list[float], free: float, mem: list[float]):
+    def _fit_node(self, option: ShardOption, costs, times: np.ndarray, free: float, mem: np.ndarray):
         """The node whose slowest rank is least loaded among those with room (template: node 0's ranks)."""
-        g, best = self.topo.ranks_per_node, None
-        for node in range(self.topo.nodes):
-            ranks = [r + node * g for r in option.ranks]
-            if all(free - mem[r] >= h.mem for r, h in zip(ranks, costs)):
-                load = max(times[r] for r in ranks)
-                if best is None or load < best[0]:
-                    best = (load, ranks)
-        return best[1] if best else None
+        template = np.array(option.ranks[:len(costs)], dtype=np.intp)
+        ranks = template + (np.arange(self.topo.nodes) * self.topo.ranks_per_node)[:, None]  # [node, shard]
+        fits = (free - mem[ranks] >= np.array([h.mem for h in costs])).all(axis=1)
+        if not fits.any():
+            return None
+        load = np.where(fits, times[ranks].max(axis=1), np.inf)
+        return ranks[int(np.argmin(load))].tolist()  # the lower node on ties
 
     def _fit_other(self, ti: int) -> list[int] | None:
         """The chosen option found no room: try the others, least work first."""
@@ -388,16 +471,21 @@ class Search:
         if len(ranks) == self.topo.world_size and self._placement(ti, oi) in (LISTED, EVERY):
             cols.add_columns(self._everywhere(ti, oi), sign)  # a shard on every rank: whole columns at once
             return
-        for r, h in zip(ranks, self.costs[ti][oi]):
-            cols.add(r, h, sign)
+        if len(ranks) < VECTOR_FROM_SHARDS:
+            for r, h in zip(ranks, self.costs[ti][oi]):
+                cols.add(r, h, sign)
+            return
+        per_shard = self.cost_array(ti, oi)
+        for f, name in enumerate(Hot._fields):  # a table's shards are on distinct ranks
+            getattr(cols, name)[ranks] += per_shard[:, f] if sign > 0 else -per_shard[:, f]
 
     def _everywhere(self, ti: int, oi: int) -> Columns:
         """Per-rank columns of an option with a shard on every rank (cached: trials reuse them)."""
         key = (ti, oi)
         if key not in self._deltas:
-            delta = Columns(self.topo.world_size)
-            for r, h in zip(self.options[ti][oi].ranks, self.costs[ti][oi]):
-                delta.add(r, h)
+            delta, per_shard = Columns(self.topo.world_size), self.cost_array(ti, oi)
+            for f, name in enumerate(Hot._fields):
+                getattr(delta, name)[self.rank_array(ti, oi)] = per_shard[:, f]
             self._deltas[key] = delta
         return self._deltas[key]
 
@@ -409,40 +497,58 @@ class Search:
 
     def _improve_once(self) -> bool:
         times = self.times()
-        b = max(range(len(times)), key=times.__getitem__)
+        b = int(np.argmax(times))
         pieces = sorted(self.on_rank[b], key=lambda x: -self.piece_s(self.costs[x[0]][self.choice[x[0]]][x[1]]))
         pieces = pieces[:LOCAL_SEARCH_CANDIDATES]
         if any(self._try_move(ti, pi, b, times) for ti, pi in pieces):
             return True
         return any(self._try_other(ti, times[b]) for ti in dict.fromkeys(ti for ti, _ in pieces))
 
-    def _try_move(self, ti: int, pi: int, b: int, times: list[float]) -> bool:
+    def _try_move(self, ti: int, pi: int, b: int, times: np.ndarray) -> bool:
         """Move the shard to the rank where it ends fastest, if that is below the slowest rank now."""
-        h, held = self.costs[ti][self.choice[ti]][pi], set(self.ranks[ti])
-        free, cols = self.model.free_bytes(), self.cols
-        best, best_s = None, times[b] - EPS_S
-        for r in self.options[ti][self.choice[ti]].ranks:
-            if r in held or free - cols.mem[r] < h.mem:
-                continue
-            s = cols.time_with(self.model, r, h)
-            if s < best_s:
-                best, best_s = r, s
-        if best is None:
+        h, at = self.costs[ti][self.choice[ti]][pi], self.rank_array(ti, self.choice[ti])
+        after = self.cols.times_with(self.model, at, h)
+        after[(self.model.free_bytes() - self.cols.mem[at] < h.mem) | np.isin(at, self.ranks[ti])] = np.inf
+        k = int(np.argmin(after))  # the lower rank on ties
+        if not after[k] < times[b] - EPS_S:
             return False
-        self._move(ti, pi, b, best)
+        self._move(ti, pi, b, int(at[k]))
         return True
 
     def _move_for_memory(self, ti: int, pi: int, m: int, worst: float) -> bool:
-        h, held, cols = self.costs[ti][self.choice[ti]][pi], set(self.ranks[ti]), self.cols
-        best = None
-        for r in self.options[ti][self.choice[ti]].ranks:
-            if r in held or cols.mem[r] + h.mem >= cols.mem[m] or (best is not None and cols.mem[r] >= cols.mem[best]):
-                continue
-            if cols.time_with(self.model, r, h) < worst - EPS_S:
-                best = r
-        if best is None:
+        h, at, cols = self.costs[ti][self.choice[ti]][pi], self.rank_array(ti, self.choice[ti]), self.cols
+        ok = (cols.mem[at] + h.mem < cols.mem[m]) & ~np.isin(at, self.ranks[ti]) \
+            & (cols.times_with(self.model, at, h) < worst - EPS_S)
+        if not ok.any():
             return False
-        self._move(ti, pi, m, best)
+        mem = np.where(ok, cols.mem[at], np.inf)
+        self._move(ti, pi, m, int(at[np.argmin(mem)]))  # the emptiest such rank, the lower on ties
+        return True
+
+    def _swap_for_memory(self, ti: int, pi: int, m: int, worst: float) -> bool:
+        """Swap shard ``pi`` of table ``ti`` (on the fullest rank ``m``) with a smaller shard of another
+        rank r, the one that leaves the larger of the two ranks emptiest, where both stay below
+        ``worst`` and below ``m``'s memory now."""
+        mv, cols, h = self.movable, self.cols, self.costs[ti][self.choice[ti]][pi]
+        if (ti, pi) not in mv.index:
+            return False
+        r = mv.rank
+        mem_r, mem_m = cols.mem[r] - mv.mem + h.mem, cols.mem[m] - h.mem + mv.mem
+        ok = (r != m) & (mv.mem < h.mem) & (np.maximum(mem_r, mem_m) < cols.mem[m]) & ~np.isin(r, self.ranks[ti]) \
+            & ~np.isin(mv.table, [t for t, _ in self.on_rank[m]])  # a table's shards stay on distinct ranks
+        if not ok.any():
+            return False
+        time_m = self.model.times(cols.seconds[m] - h.seconds + mv.seconds, cols.ids[m] - h.ids + mv.ids,
+                                  cols.out[m] - h.out + mv.out, cols.grad[m] - h.grad + mv.grad)
+        time_r = self.model.times(cols.seconds[r] - mv.seconds + h.seconds, cols.ids[r] - mv.ids + h.ids,
+                                  cols.out[r] - mv.out + h.out, cols.grad[r] - mv.grad + h.grad)
+        ok &= (time_m < worst - EPS_S) & (time_r < worst - EPS_S)
+        if not ok.any():
+            return False
+        k = int(np.argmin(np.where(ok, np.maximum(mem_r, mem_m), np.inf)))
+        (tj, pj), dst = mv.slots[k], int(r[k])
+        self._move(ti, pi, m, dst)
+        self._move(tj, pj, dst, m)
         return True
 
     def _move(self, ti: int, pi: int, src: int, dst: int) -> None:
@@ -452,6 +558,8 @@ class Search:
         self.on_rank[src].discard((ti, pi))
         self.on_rank[dst].add((ti, pi))
         self.ranks[ti][pi] = dst
+        if self.movable is not None:
+            self.movable.moved(ti, pi, dst)
 
     def _try_other(self, ti: int, worst: float) -> bool:
         """Give the table another option (split further, replicate, ...) if the slowest rank gains."""
@@ -480,7 +588,7 @@ class Search:
         if ranks is None:
             return None
         self._apply(cols, ti, oi, ranks, 1)
-        return max(cols.times(model))
+        return float(cols.times(model).max())
 
     def _take(self, ti: int, oi: int, ranks: list[int] | None = None) -> list[int] | None:
         """Replace table ``ti``'s shards by option ``oi``'s on ``ranks`` (default: placed greedily)."""

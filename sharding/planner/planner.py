@@ -11,17 +11,20 @@ the tables, the memory missing per rank and the smallest topology change that wo
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
 
 from sharding.plan import check_tables, validate_plan
 from sharding.planner.enumerators import enumerate_options
-from sharding.planner.estimate import FP32_BYTES, estimate_plan, optimizer_bytes
+from sharding.planner.estimate import FP32_BYTES, estimate_plan, optimizer_bytes, requester_bytes
 from sharding.planner.exchange import EXCHANGE_MARGIN, with_exchange
 from sharding.planner.partition import Search
 from sharding.planner.report import explain, infeasible_message
 from sharding.planner.types import GB, InfeasiblePlanError, PlannerError, PlanResult, TableConstraints, Topology, Workload
-from sharding.types import OPTIMIZERS, ShardingPlan, TableConfig, TablePlan
+from sharding.sharding_types import RULES
+from sharding.types import OPTIMIZERS, Shard, ShardingPlan, TableConfig, TablePlan
 
 # Tables up to this size (fp32 weights) may be replicated when the config does not say otherwise:
 # a replica costs memory on every rank and an all-reduce of the whole table per step.
@@ -35,8 +38,27 @@ def plan_tables(tables: list[TableConfig], topology: Topology, workload: Workloa
                 dp_max_bytes: float = DEFAULT_DP_MAX_BYTES, suggest: bool = True) -> PlanResult:
     """Plan ``tables`` on ``topology``; InfeasiblePlanError (tables, missing GB per rank, the smallest
     topology change that fits, unless ``suggest`` is False) when no plan fits."""
+    with _no_cycle_collection():
+        return _plan_tables(tables, topology, workload, constraints or {}, dp_max_bytes, suggest)
+
+
+@contextlib.contextmanager
+def _no_cycle_collection():
+    """Python's cycle collector off while planning: the search makes millions of small objects (shards
+    of 10,000 tables on 256 ranks) and no cycles, and each collection would walk all of them again
+    (it doubled the planning time of that case). Refcounting still frees everything."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _plan_tables(tables: list[TableConfig], topology: Topology, workload: Workload,
+                 constraints: dict[str, TableConstraints], dp_max_bytes: float, suggest: bool) -> PlanResult:
     start = time.perf_counter()
-    constraints = constraints or {}
     _check_inputs(tables, workload, constraints)
     options = [enumerate_options(t, topology, constraints.get(t.name, TableConstraints()), dp_max_bytes)
                for t in tables]
@@ -70,7 +92,8 @@ def _to_plan(search: Search) -> ShardingPlan:
     plans = {}
     for ti, t in enumerate(search.tables):
         option = search.options[ti][search.choice[ti]]
-        shards = [s.on(r) for s, r in zip(option.shards, search.ranks[ti])]
+        shards = [Shard(r, s.row_start, s.row_end, s.col_start, s.col_end)  # s.on(r), without replace()'s cost
+                  for s, r in zip(option.shards, search.ranks[ti])]
         plans[t.name] = TablePlan(t.name, option.kind, sorted(shards, key=lambda s: (s.col_start, s.row_start)))
     return ShardingPlan(search.topo.world_size, plans)
 
@@ -106,7 +129,7 @@ def _infeasible(search: Search, constraints, dp_max_bytes: float, suggest: bool)
     worst_rank = None
     if missing <= 0:  # fragmentation or pinning: what the failed tables lack where they may go
         worst_rank, missing = _shortfall(search, failed)
-    suggestion = _suggest(tables, topo, work, constraints, dp_max_bytes, need) if suggest else ""
+    suggestion = _suggest(search, constraints, dp_max_bytes, need) if suggest else ""
     message = infeasible_message(search, [tables[ti] for ti in failed], need, missing, suggestion, worst_rank)
     return InfeasiblePlanError(message, [tables[ti].name for ti in failed], missing, suggestion)
 
@@ -149,8 +172,10 @@ def _shortfall(search: Search, failed: list[int]) -> tuple[int, float]:
     return rank, max(extra[rank] - search.free_bytes(rank), 0.0)
 
 
-def _suggest(tables, topo: Topology, work: Workload, constraints, dp_max_bytes: float, need: float) -> str:
-    ranks = _smallest_world(tables, topo, work, constraints, dp_max_bytes)
+def _suggest(search: Search, constraints, dp_max_bytes: float, need: float) -> str:
+    tables, topo, work = search.tables, search.topo, search.work
+    ranks = None if _floor_per_rank(search) > topo.hbm_bytes - work.reserve_bytes else \
+        _smallest_world(tables, topo, work, constraints, dp_max_bytes)
     gb = _smallest_memory(tables, topo, work, constraints, dp_max_bytes, need)
     parts = []
     if ranks:
@@ -163,12 +188,29 @@ def _suggest(tables, topo: Topology, work: Workload, constraints, dp_max_bytes: 
     return " or ".join(parts) + ("" if ranks else " (more ranks do not help)")
 
 
+def _floor_per_rank(search: Search) -> float:
+    """Bytes every rank holds however many ranks there are: per table, the least of its options'
+    all-to-all buffers (the same on every rank: its own samples' ids, pooled rows and gradients) or,
+    replicated, its whole shard. When this alone does not fit, more ranks do not help."""
+    floor = 0.0
+    for t, options, costs in zip(search.tables, search.options, search.costs):
+        per_option = []
+        for option, cs in zip(options, costs):
+            ids, pooled, grads = requester_bytes(t, option, search.work)
+            per_option.append(max(h.mem for h in cs) if RULES[option.kind].replicated else 2 * ids + pooled + grads)
+        floor += min(per_option)
+    return floor
+
+
 def _fits(tables, topo: Topology, work: Workload, constraints, dp_max_bytes: float) -> bool:
+    """Whether the search places every table on ``topo`` (its placement stages only: a suggestion
+    tries up to 2 x MAX_SUGGESTION_TRIES topologies)."""
     try:
-        plan_tables(tables, topo, work, constraints, dp_max_bytes, suggest=False)
-        return True
+        options = [enumerate_options(t, topo, constraints.get(t.name, TableConstraints()), dp_max_bytes)
+                   for t in tables]
     except PlannerError:
         return False
+    return Search(tables, options, topo, work).place()
 
 
 def _smallest_world(tables, topo: Topology, work: Workload, constraints, dp_max_bytes: float) -> int | None:

@@ -5,7 +5,7 @@ import copy
 import json
 
 from distrec.tools.bench.compare import compare
-from distrec.tools.bench.matrix import ModelSpec, RunSpec, QUICK, sweep
+from distrec.tools.bench.matrix import FULL, ModelSpec, RunSpec, QUICK, sweep
 from distrec.tools.bench.report import write_report
 from distrec.tools.bench.runner import Bench
 from tests.conftest import run_cli
@@ -18,8 +18,8 @@ OVERLAP = {"input_a2a": {"in_flight": 4.0, "waited": 3.0, "hidden": 1.0},
 
 
 def run(engine: str, strategy: str, ranks: int, batch: int = 2048, sps: float = 10_000.0, repeat: int = 0,
-        status: str = "ok", **extra) -> dict:
-    spec = RunSpec("demo", engine, strategy, ranks, repeat, batch, 20).to_dict()
+        status: str = "ok", steps: int = 20, purpose: str = "speed", **extra) -> dict:
+    spec = RunSpec("demo", engine, strategy, ranks, repeat, batch, steps, purpose).to_dict()
     if status != "ok":
         return {**spec, "status": status, "error": "exit code 1: Traceback\nRuntimeError: boom", "command": "x"}
     out = {**spec, "status": "ok", "command": f"torchrun ... {engine}", "samples_per_s": sps, "auc": 0.70,
@@ -35,11 +35,20 @@ def results() -> dict:
             run("sync", "planner", 2, sps=16_000), run("sync", "planner", 2, sps=18_000, repeat=1),
             run("sync", "planner", 1, batch=1024, sps=9_000),
             run("torchrec", "planner", 2, sps=8_000), run("ps", "hash", 2, sps=4_000, auc=0.65),
-            run("horovod", "planner", 2, status="failed")]
+            run("horovod", "planner", 2, status="failed"),
+            # the accuracy runs: 100 global batches each; sync twice (AUC 0.74 and 0.76), the PS at 2 and 8 workers
+            *(run("sync", "planner", 2, steps=100, purpose="accuracy", auc=a, repeat=k) for k, a in enumerate((0.74, 0.76))),
+            run("ps", "hash", 2, steps=100, purpose="accuracy", auc=0.755, staleness_mean=0.7, staleness_p99=2.0),
+            run("ps", "hash", 8, steps=100, purpose="accuracy", auc=0.70, sps=2_000, staleness_mean=5.5,
+                staleness_p99=14.0)]
+    parts = {8: (1.0, 0.5), 16: (1.0, 1.5), 64: (1.0, 2.0)}  # (lookup, all-to-all) ms: the all-to-all leaves the node
     projection = {"model": "demo", "preset": "h100-80g", "gpus_per_node": 8,
-                  "calibration": {"lookup_ratio": 0.5, "comm_ratio": 2.0, "runs": ["demo-sync-planner-r2-b2048-0"]},
+                  "calibration": {"lookup_ratio": 0.5, "comm_ratio": 2.0, "runs": ["demo-sync-planner-r2-b2048-0"],
+                                  "rates": "r/calibration.json"},
                   "points": [{"gpus": g, "nodes": max(1, g // 8), "batch_per_rank": 1024,
-                              "preset": {"step_ms": 2.0, "samples_per_s": g * 512e3},
+                              "preset": {"step_ms": sum(parts[g]) + 0.5, "samples_per_s": g * 1024e3 / (sum(parts[g]) + 0.5),
+                                         "parts_ms": {"lookup": parts[g][0], "all_to_all": parts[g][1], "dense": 0.5,
+                                                      "allreduce": 0.0, "other": 0.0}},
                               "calibrated": {"step_ms": 4.0, "samples_per_s": g * 256e3}} for g in (8, 16, 64)]}
     return {"format": 1, "created": "2026-11-23", "command": "distrec bench --quick --out r", "mode": "quick",
             "options": {"models": ["demo"], "ranks": [1, 2], "strategies": ["planner"], "engines": ["sync"],
@@ -53,7 +62,8 @@ def test_report_headline_is_traceable_and_plots_exist(tmp_path):
     # distrec / TorchRec at 2 ranks: median 17,000 vs 8,000, with the runs it comes from
     assert "distrec sync / TorchRec DMP samples/s (planner, 2 ranks): 2.12**" in readme
     assert "`demo-sync-planner-r2-b2048-0`, `demo-sync-planner-r2-b2048-1`, `demo-torchrec-planner-r2-b2048-0`" in readme
-    assert "async PS (2 workers + 1 server) samples/s: 4.25**" in readme and "AUC +0.0500" in readme
+    # the throughput ratio carries no AUC (20 batches: the PS has made W times the updates)
+    assert "async PS (2 workers + 1 server) samples/s: 4.25** (17,000 vs 4,000 samples/s; runs" in readme
     assert "strong-scaling efficiency, sync planner, 2 ranks vs 1: 0.81**" in readme  # 17000 / 10500 / 2
     assert "weak-scaling efficiency" in readme and "0.94**" in readme  # 17000 / 9000 / 2
     assert "| demo | planner | 2 | 17,000 | 8,000 | 2.12 |" in readme  # the peer table, every matched config
@@ -65,6 +75,39 @@ def test_report_headline_is_traceable_and_plots_exist(tmp_path):
         png = tmp_path / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000, name
         assert f"]({name}.png)" in readme
+
+
+def test_accuracy_runs_compare_sync_and_the_ps_at_the_same_samples(tmp_path):
+    readme = write_report(results(), tmp_path).read_text()
+    # sync's median AUC 0.75 minus the PS's: 2 workers -0.0050, 8 workers +0.0500; every run id cited
+    assert ("AUC after 204,800 samples, sync (2 ranks) minus async PS: 2 workers -0.0050 (staleness 0.70), "
+            "8 workers +0.0500 (staleness 5.50)**") in readme
+    assert "`demo-sync-planner-r2-b2048-s100-0`, `demo-sync-planner-r2-b2048-s100-1`" in readme
+    section = readme.split("## Sync vs async PS: accuracy at the same samples")[1].split("\n## ")[0]
+    assert "| sync | 2 | 0.7500 | 0.0200 | 0.4000 | - | - | 10,000 | 20.5 |" in section
+    assert "| async PS | 8 | 0.7000 | - | 0.4000 | 5.50 | 14.0 | 2,000 | 102.4 |" in section
+    # the accuracy runs stay out of the throughput headline and tables that group by configuration
+    assert "sync (2 ranks, planner) / async PS (2 workers + 1 server) samples/s: 4.25**" in readme
+    png = tmp_path / "accuracy_vs_workers.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](accuracy_vs_workers.png)" in readme
+
+
+def test_projection_explains_where_the_curves_bend(tmp_path):
+    readme = write_report(results(), tmp_path).read_text()
+    assert ("- 8 -> 16 GPUs: the all-to-all leaves the node (50% of each GPU's all-to-all bytes cross the network, "
+            "0% before); preset all-to-all 0.50 -> 1.50 ms") in readme
+    assert "- 16 -> 64 GPUs: the all-to-all leaves the node (88% of each GPU's all-to-all bytes cross" in readme
+    assert "measured rates (`calibration.json`" in readme  # structure, not the CPU's rates
+    doc = results()
+    del doc["projection"]["calibration"]["rates"]
+    assert "measure the CPU more than the model" in write_report(doc, tmp_path / "b").read_text()
+
+
+def test_full_sweep_adds_accuracy_runs_at_one_budget_and_quick_none():
+    acc = [s for s in sweep(FULL) if s.purpose == "accuracy"]
+    assert sorted({(s.engine, s.ranks) for s in acc}) == [("ps", 2), ("ps", 8), ("ps", 16), ("ps", 32), ("sync", 2)]
+    assert {s.steps * s.global_batch for s in acc} == {100 * 2048} and {s.repeat for s in acc} == {0, 1, 2}
+    assert all(s.key.endswith("-s100") for s in acc) and not [s for s in sweep(QUICK) if s.purpose == "accuracy"]
 
 
 def test_failed_run_appears_as_failed(tmp_path):
@@ -97,6 +140,15 @@ def test_compare_shows_changes_and_runs_in_one_report_only(tmp_path):
     assert out.returncode == 0 and "+25.0 %" in out.stdout, out.stderr
     missing = run_cli("-m", "distrec", "bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "nope.json"))
     assert missing.returncode == 2 and "distrec: error:" in missing.stderr
+
+
+def test_the_bench_models_configs_are_found_from_the_repository_root():
+    """The sweep's commands name configs relative to ROOT (a wrong ROOT broke every run at once)."""
+    from distrec.tools.bench.matrix import MODELS
+    from distrec.tools.bench.runner import ROOT
+
+    assert (ROOT / "configs").is_dir() and (ROOT / "distrec").is_dir()
+    assert all((ROOT / m.config).is_file() for m in MODELS.values())
 
 
 def test_quick_sweep_is_small_and_keeps_budget_equal():

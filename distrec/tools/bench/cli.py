@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", help=f"comma-separated: {','.join(STRATEGIES)}")
     p.add_argument("--engines", help=f"comma-separated: {','.join(ENGINES)}")
     p.add_argument("--steps", type=int, help="global batches per run (the sample budget: steps x batch)")
+    p.add_argument("--accuracy-workers", help="comma-separated async PS worker counts of the accuracy runs "
+                   "(full: 2,8,16,32; 0: none), beside sync on 2 ranks at the same samples")
+    p.add_argument("--accuracy-steps", type=int, help="global batches per accuracy run (full: 100, ~1 epoch)")
     p.add_argument("--timeout", type=float, default=0, help="seconds per run before it counts as failed")
     p.add_argument("--max-minutes", type=float, default=0,
                    help="start no run after this long; the report says how many were left out (repeats are "
@@ -52,6 +55,10 @@ def options(args: argparse.Namespace) -> SweepOptions:
         change["repeats"] = args.repeats
     if args.steps:
         change["steps"] = args.steps
+    if args.accuracy_workers:
+        change["accuracy_workers"] = tuple(w for w in (int(x) for x in args.accuracy_workers.split(",")) if w > 0)
+    if args.accuracy_steps:
+        change["accuracy_steps"] = args.accuracy_steps
     return dataclasses.replace(base, **change)
 
 
@@ -82,7 +89,7 @@ def redraw(args: argparse.Namespace) -> int:
     if "projection" not in doc and doc["runs"]:  # a sweep stopped before its end: complete results.json too
         from distrec.tools.bench.project import projection
 
-        doc["projection"] = projection(doc)
+        doc["projection"] = projection(doc, path.parent)
         save(path.parent, doc)
     write_report(doc, out)
     print(f"wrote {out / 'README.md'}")
@@ -108,6 +115,8 @@ def run_sweep(args: argparse.Namespace, opts: SweepOptions) -> int:
            "machine": machine(), "versions": versions(), "data": {}, "runs": []}
     for model in opts.models:
         doc["data"][model] = data_entry(bench, model)
+    if not args.quick and "sync" in opts.engines:  # measured rates: the planner's plans and the projection use them
+        doc["calibration_s"] = bench.calibrate()
     specs = sweep(opts)
     for i, spec in enumerate(tqdm(specs, desc="distrec bench", unit="run", file=sys.stderr, dynamic_ncols=True)):
         if args.max_minutes and time.perf_counter() - start > 60 * args.max_minutes:
@@ -115,7 +124,7 @@ def run_sweep(args: argparse.Namespace, opts: SweepOptions) -> int:
             break
         doc["runs"].append(bench.run_one(spec))
         save(out, doc)  # after every run: an interrupted sweep keeps what it measured
-    doc["projection"] = projection(doc)
+    doc["projection"] = projection(doc, out)
     doc["total_s"] = time.perf_counter() - start
     save(out, doc)
     write_report(doc, out)

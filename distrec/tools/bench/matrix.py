@@ -7,6 +7,10 @@ A run is one engine training one model with one sharding strategy on ``ranks`` p
 ``steps`` global batches of ``global_batch`` rows: the same sample budget for every engine at a batch
 size. Strong scaling keeps the global batch; weak-scaling points (sync, planner) keep the per-rank
 batch at half the strong global batch, so at 2 ranks the two coincide and share their run.
+
+The accuracy runs (``purpose="accuracy"``) train the first model well past the start (about an epoch)
+with sync on 2 ranks and the async PS on W workers at the same global batch, so that AUC and staleness
+can be compared at the same samples; W may exceed the cores (staleness, not speed, decides accuracy).
 """
 from __future__ import annotations
 
@@ -48,11 +52,13 @@ class RunSpec:
     repeat: int
     global_batch: int
     steps: int  # sample budget = steps * global_batch
+    purpose: str = "speed"  # "speed" (the throughput sweep) or "accuracy" (the same samples, well past the start)
 
     @property
     def key(self) -> str:
         """The configuration, without the repeat: what medians and comparisons group by."""
-        return f"{self.model}-{self.engine}-{self.strategy}-r{self.ranks}-b{self.global_batch}"
+        key = f"{self.model}-{self.engine}-{self.strategy}-r{self.ranks}-b{self.global_batch}"
+        return key if self.purpose == "speed" else f"{key}-s{self.steps}"
 
     @property
     def run_id(self) -> str:
@@ -75,10 +81,14 @@ class SweepOptions:
     # quick mode: Horovod only at the largest rank count with the planner's plan (its launcher alone
     # takes ~10 s per run on 2 cores)
     horovod_lean: bool = False
+    accuracy_workers: tuple[int, ...] = ()  # async PS worker counts of the accuracy runs (none: no such runs)
+    accuracy_steps: int = 0  # their global batches: about one epoch of the full sweep's 200,000 rows
 
 
+ACCURACY_SYNC_RANKS = 2
 QUICK = SweepOptions(("demo",), (1, 2), ("planner", "row_wise"), ENGINES, 1, 20, horovod_lean=True)
-FULL = SweepOptions(("demo", "heavy"), (1, 2, 4), STRATEGIES, ENGINES, 3, 40)
+FULL = SweepOptions(("demo", "heavy"), (1, 2, 4), STRATEGIES, ENGINES, 3, 40, accuracy_workers=(2, 8, 16, 32),
+                    accuracy_steps=100)
 
 
 def configs(opts: SweepOptions) -> list[tuple[str, str, str, int, int]]:
@@ -104,8 +114,21 @@ def _strategies(engine: str, model: ModelSpec, opts: SweepOptions, ranks: int) -
     return [s for s in opts.strategies if s != "data_parallel" or model.data_parallel_fits]
 
 
+def accuracy_configs(opts: SweepOptions) -> list[tuple[str, str, str, int, int]]:
+    """(model, engine, strategy, ranks, global batch) of the accuracy runs: sync on 2 ranks with the
+    planner's plan, and the PS at each worker count, all on the first model's strong global batch."""
+    if not opts.accuracy_workers or not opts.accuracy_steps:
+        return []
+    model = MODELS[opts.models[0]]
+    sync = [(model.name, "sync", "planner", ACCURACY_SYNC_RANKS, model.global_batch)] if "sync" in opts.engines else []
+    ps = [(model.name, "ps", PS_STRATEGY, w, model.global_batch) for w in opts.accuracy_workers] \
+        if "ps" in opts.engines else []
+    return sync + ps
+
+
 def sweep(opts: SweepOptions) -> list[RunSpec]:
     """Every run, repeats interleaved (repeat 0 of everything first) so that load from other jobs on a
     shared machine spreads over configurations instead of hitting one configuration's repeats."""
-    return [RunSpec(m, e, s, r, rep, b, opts.steps)
-            for rep in range(opts.repeats) for m, e, s, r, b in configs(opts)]
+    return [spec for rep in range(opts.repeats) for spec in
+            [RunSpec(m, e, s, r, rep, b, opts.steps) for m, e, s, r, b in configs(opts)]
+            + [RunSpec(m, e, s, r, rep, b, opts.accuracy_steps, "accuracy") for m, e, s, r, b in accuracy_configs(opts)]]

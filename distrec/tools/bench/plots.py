@@ -156,7 +156,39 @@ def projection(doc: dict, groups: dict[str, Group], out: Path) -> str:
     return save(fig, out, "projection.png")
 
 
-def draw_all(doc: dict, groups: dict[str, Group], out: Path) -> dict[str, str]:
-    return {"throughput": throughput(groups, out), "breakdown": breakdown(groups, out),
-            "auc": auc_curves(groups, out), "estimate": estimate_vs_measured(groups, out),
-            "projection": projection(doc, groups, out)}
+def accuracy_curves(groups: dict[str, Group], out: Path) -> str | None:
+    """The accuracy runs: AUC against samples (each configuration's first repeat), and the final AUC and
+    mean staleness against the PS's workers beside sync."""
+    if not any(g.ok for g in groups.values()):
+        return None
+    plt = pyplot()
+    fig, (curves, by_w) = plt.subplots(1, 2, figsize=(11, 3.8))
+    ps = sorted((g for g in groups.values() if g.ok and g.spec["engine"] == "ps"), key=lambda g: g.spec["ranks"])
+    for g in sorted((g for g in groups.values() if g.ok), key=lambda g: (g.spec["engine"] != "sync", g.spec["ranks"])):
+        unit = "ranks" if g.spec["engine"] == "sync" else "workers"
+        curve = g.ok[0].get("eval_curve") or []
+        if curve:
+            curves.plot(*zip(*curve), marker="o", label=f"{ENGINE_LABEL[g.spec['engine']]}, {g.spec['ranks']} {unit}")
+    axis_labels(curves, "samples", "AUC (eval split)", legend_size=6)
+    curves.set_title("AUC vs samples trained, same global batch")
+    if ps:
+        by_w.plot([g.spec["ranks"] for g in ps], [g.median("auc") for g in ps], "o-", label="async PS: AUC")
+        for g in groups.values():
+            if g.ok and g.spec["engine"] == "sync":
+                by_w.axhline(g.median("auc"), color="C1", ls="--", label=f"sync, {g.spec['ranks']} ranks: AUC")
+        stale = by_w.twinx()
+        stale.plot([g.spec["ranks"] for g in ps], [g.median("staleness_mean") or 0 for g in ps], "s:", color="C2",
+                   label="async PS: mean staleness")
+        stale.set_ylabel("mean staleness (pushes)")
+        by_w.set_xscale("log", base=2)
+        axis_labels(by_w, "PS workers", "final AUC", legend_size=6)
+        by_w.set_title("final AUC and staleness vs workers")
+    return save(fig, out, "accuracy_vs_workers.png")
+
+
+def draw_all(doc: dict, groups: dict[str, Group], out: Path, accuracy: dict[str, Group] | None = None) -> dict:
+    plots = {"throughput": throughput(groups, out), "breakdown": breakdown(groups, out),
+             "auc": auc_curves(groups, out), "estimate": estimate_vs_measured(groups, out),
+             "projection": projection(doc, groups, out)}
+    drawn = accuracy_curves(accuracy or {}, out)
+    return {**plots, "accuracy": drawn} if drawn else plots

@@ -10,16 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from distrec.tools.bench.plots import draw_all
-from distrec.tools.bench.summary import Group, group_runs, headline
+from distrec.tools.bench.summary import Group, accuracy_rows, by_purpose, group_runs, headline
 
 
 def write_report(doc: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    groups = group_runs(doc["runs"])
-    plots = draw_all(doc, groups, out)
-    text = "\n".join([*header(doc), *headline_section(groups, doc.get("options", {})), *machine_section(doc),
-                      *plots_section(plots),
-                      *results_section(groups), *projection_section(doc), *failures_section(doc["runs"]),
+    every = group_runs(doc["runs"])
+    groups, accuracy = by_purpose(every), accuracy_rows(by_purpose(every, "accuracy"))
+    plots = draw_all(doc, groups, out, by_purpose(every, "accuracy"))
+    text = "\n".join([*header(doc), *headline_section(groups, doc.get("options", {}), accuracy),
+                      *machine_section(doc), *plots_section(plots), *accuracy_section(accuracy),
+                      *results_section(every), *projection_section(doc), *failures_section(doc["runs"]),
                       *method_section(doc)])
     path = out / "README.md"
     path.write_text(text + "\n")
@@ -43,8 +44,16 @@ def header(doc: dict) -> list[str]:
             f"ranks {', '.join(map(str, o['ranks']))}; strategies {', '.join(o['strategies'])}; engines "
             f"{', '.join(o['engines'])}; {o['repeats']} repeat(s); {o['steps']} global batches per run (the same "
             "sample budget for every engine at a batch size). Numbers are medians over repeats; run ids "
-            "(`model-engine-strategy-rRANKS-bBATCH-REPEAT`) refer to `runs` in [results.json](results.json).",
-            *not_run_note(doc), ""]
+            "(`model-engine-strategy-rRANKS-bBATCH-REPEAT`) refer to `runs` in [results.json](results.json)."
+            + accuracy_note(o), *not_run_note(doc), ""]
+
+
+def accuracy_note(o: dict) -> str:
+    workers, steps = o.get("accuracy_workers"), o.get("accuracy_steps")
+    if not workers or not steps:
+        return ""
+    return (f" Accuracy runs (ids with `-s{steps}`): sync on 2 ranks and the async PS on "
+            f"{', '.join(map(str, workers))} workers, {steps} global batches each.")
 
 
 def no_headline_reason(options: dict) -> str:
@@ -67,16 +76,54 @@ def not_run_note(doc: dict) -> list[str]:
             + (f" ({', '.join(first)})" if first else "") + "; the tables show the repeats that ran."]
 
 
-def headline_section(groups: dict[str, Group], options: dict) -> list[str]:
+def headline_section(groups: dict[str, Group], options: dict, accuracy: list[dict]) -> list[str]:
     lines = ["## Headline", ""]
-    items = headline(groups)
-    if not items:
+    items, accuracy_lines = headline(groups), accuracy_headline(accuracy)
+    if not items and not accuracy_lines:
         return lines + [no_headline_reason(options), ""]
     for h in items:
-        extra = f"; AUC {'+' if h['auc_delta'] >= 0 else ''}{h['auc_delta']:.4f} for sync" if "auc_delta" in h else ""
-        lines.append(f"- **{h['name']}: {h['value']:.2f}** ({fmt(h['a_value'])} vs {fmt(h['b_value'])} samples/s"
-                     f"{extra}; runs {cite(h['runs'])})")
-    return lines + ["", *peer_table(groups)]
+        lines.append(f"- **{h['name']}: {h['value']:.2f}** ({fmt(h['a_value'])} vs {fmt(h['b_value'])} samples/s; "
+                     f"runs {cite(h['runs'])})")
+    return lines + accuracy_lines + ["", *peer_table(groups)]
+
+
+def accuracy_headline(rows: list[dict]) -> list[str]:
+    """AUC of sync against the PS at each worker count, after the same samples."""
+    sync = next((r for r in rows if r["engine"] == "sync"), None)
+    ps = [r for r in rows if r["engine"] == "ps"]
+    if sync is None or not ps or sync["auc"] is None:
+        return []
+    deltas = ", ".join(f"{r['ranks']} workers {sync['auc'] - r['auc']:+.4f} (staleness {fmt(r['staleness_mean'], 2)})"
+                       for r in ps if r["auc"] is not None)
+    return [f"- **AUC after {sync['samples']:,} samples, sync ({sync['ranks']} ranks) minus async PS: {deltas}** "
+            f"(sync AUC {sync['auc']:.4f}; runs {cite(sync['runs'] + [i for r in ps for i in r['runs']])}; "
+            "see [accuracy](#sync-vs-async-ps-accuracy-at-the-same-samples))"]
+
+
+def accuracy_section(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    sync = next((r for r in rows if r["engine"] == "sync"), None)
+    lines = ["## Sync vs async PS: accuracy at the same samples", "",
+             f"Every run trains {rows[0]['samples']:,} samples (about an epoch of the training split) at the same "
+             "global batch: sync on its ranks with the planner's plan, the PS with W workers each pushing updates "
+             "from 1/W of every global batch to one server. Worker processes share the machine's cores, so their "
+             "speed here is no guide to a cluster's; staleness (how many other workers' pushes landed between a "
+             "worker's pull and its push) is what decides accuracy, and it grows with W. Medians over repeats; "
+             "AUC spread = max - min over the repeats.", "",
+             "| engine | ranks / workers | AUC | AUC spread | logloss | staleness mean | staleness p99 | samples/s "
+             "| seconds to these samples | runs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        seconds = r["samples"] / r["samples_per_s"] if r["samples_per_s"] else None
+        lines.append(f"| {'sync' if r['engine'] == 'sync' else 'async PS'} | {r['ranks']} | {fmt(r['auc'], 4)} | "
+                     f"{fmt(r['auc_spread'], 4)} | {fmt(r['logloss'], 4)} | {fmt(r['staleness_mean'], 2)} | "
+                     f"{fmt(r['staleness_p99'], 1)} | {fmt(r['samples_per_s'])} | {fmt(seconds, 1)} | "
+                     f"{cite(r['runs'])} |")
+    if sync and sync["samples_per_s"]:
+        lines += ["", f"At equal wall-clock time: sync reaches its AUC in {sync['samples'] / sync['samples_per_s']:.1f} s "
+                      "of training; a PS row's seconds say how long the same samples took it on these cores (more "
+                      "workers than cores time-share them)."]
+    return lines + [""]
 
 
 def peer_table(groups: dict[str, Group]) -> list[str]:
@@ -113,8 +160,10 @@ def machine_section(doc: dict) -> list[str]:
 
 def plots_section(plots: dict[str, str]) -> list[str]:
     titles = {"throughput": "Throughput vs ranks (strong and weak scaling)", "breakdown": "Step-time breakdown",
-              "auc": "AUC vs samples: sync vs async PS", "estimate": "Measured vs planner-estimated step time",
-              "projection": "Projection to 8/16/64 H100s (modelled)"}
+              "auc": "AUC vs samples: sync vs async PS (throughput runs: the start of training)",
+              "estimate": "Measured vs planner-estimated step time",
+              "projection": "Projection to 8/16/64 H100s (modelled)",
+              "accuracy": "Accuracy runs: AUC vs samples, and vs the PS's workers"}
     lines = ["## Plots", ""]
     for key, name in plots.items():
         lines += [f"### {titles[key]}", "", f"![{titles[key]}]({name})", ""]
@@ -171,22 +220,65 @@ def projection_section(doc: dict) -> list[str]:
     p = doc.get("projection")
     if not p:
         return []
-    cal = p["calibration"]
+    cal, batch = p["calibration"], p["points"][0]["batch_per_rank"]
     lines = ["## Projection to 8, 16 and 64 H100 GPUs (MODELLED, not measured)", "",
              f"The planner's cost model (`{p['preset']}` preset, {p['gpus_per_node']} GPUs per node) on the "
-             f"planner's own plan for the `{p['model']}` model, {p['points'][0]['batch_per_rank']} rows per GPU. "
-             f"Calibrated with this run: lookup efficiency x {min(cal['lookup_ratio'], 1):.3f} and all-to-all "
-             f"efficiency x {min(cal['comm_ratio'], 1):.3f}, the median estimated/measured ratios (capped at 1) of "
-             f"the CPU runs {cite(cal['runs']) or '(none: preset numbers only)'}. Applying a CPU-over-loopback "
-             "ratio to NVLink and InfiniBand assumes distrec loses the same share of the link there as here: read "
-             "the calibrated column as a pessimistic bound and the preset column as the datasheet-based one.", "",
-             "| GPUs | nodes | preset: ms/step | preset: samples/s | calibrated: ms/step | calibrated: samples/s |",
-             "|---|---|---|---|---|---|"]
+             f"planner's own plan for the `{p['model']}` model at {batch} rows per GPU: weak scaling, so samples/s "
+             f"= GPUs x {batch} / step time. {calibration_text(cal)}", "",
+             "| GPUs | nodes | preset: ms/step | preset: samples/s | preset: lookup / all-to-all / dense ms | "
+             "calibrated: ms/step | calibrated: samples/s | calibrated: lookup / all-to-all / dense ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for q in p["points"]:
         pre, cal_ = q.get("preset", {}), q.get("calibrated", {})
-        lines.append(f"| {q['gpus']} | {q['nodes']} | {fmt(pre.get('step_ms'), 2)} | {fmt(pre.get('samples_per_s'))}"
-                     f" | {fmt(cal_.get('step_ms'), 2)} | {fmt(cal_.get('samples_per_s'))} |")
-    return lines + [""]
+        lines.append(f"| {q['gpus']} | {q['nodes']} | {fmt(pre.get('step_ms'), 2)} | {fmt(pre.get('samples_per_s'))} | "
+                     f"{parts_text(pre)} | {fmt(cal_.get('step_ms'), 2)} | {fmt(cal_.get('samples_per_s'))} | "
+                     f"{parts_text(cal_)} |")
+    return lines + ["", *shape_text(p["points"], p["gpus_per_node"]), ""]
+
+
+def calibration_text(cal: dict) -> str:
+    ratios = (f"lookup x {min(cal['lookup_ratio'], 1):.3f}, all-to-all x {min(cal['comm_ratio'], 1):.3f} (the median "
+              f"estimated / measured ratios of the CPU runs {cite(cal['runs']) or '(none)'}, capped at 1)")
+    if cal.get("rates"):
+        return ("The calibrated curve carries over how far the model's structure was off on this machine, not the "
+                "CPU's speed: the CPU estimates use this machine's measured rates (`calibration.json`, `distrec plan "
+                f"--calibrate`), so a ratio near 1 says the model counts what the runtime does; the H100 efficiencies "
+                f"are multiplied by them: {ratios}.")
+    return ("No measured rates were kept with this report, so the calibrated curve's ratios compare the `cpu` "
+            "preset's assumed rates with this machine: they measure the CPU more than the model, and the calibrated "
+            f"curve is a pessimistic bound ({ratios}); the preset curve is the datasheet-based one.")
+
+
+def parts_text(point: dict) -> str:
+    parts = point.get("parts_ms")
+    if not parts:
+        return point.get("error", "-")
+    return f"{parts['lookup']:.2f} / {parts['all_to_all']:.2f} / {parts['dense']:.2f}"
+
+
+def calibrated_gain(a: dict, b: dict) -> str:
+    x, y = a.get("calibrated", {}).get("samples_per_s"), b.get("calibrated", {}).get("samples_per_s")
+    return f"{y / x:.2f}" if x and y else "-"
+
+
+def shape_text(points: list[dict], per_node: int) -> list[str]:
+    """Why each curve bends: where the all-to-all leaves the node, and the share of it that crosses."""
+    ok = [q for q in points if "parts_ms" in q.get("preset", {})]
+    if len(ok) < 2:
+        return []
+    out = []
+    for a, b in zip(ok, ok[1:]):
+        pa, pb = a["preset"], b["preset"]
+        gain = pb["samples_per_s"] / pa["samples_per_s"]
+        cross = lambda q: max(q["gpus"] - per_node, 0) / q["gpus"]  # noqa: E731  (share of a GPU's bytes off-node)
+        why = (f"the all-to-all leaves the node ({cross(b):.0%} of each GPU's all-to-all bytes cross the network, "
+               f"{cross(a):.0%} before)" if b["nodes"] > a["nodes"] else "the all-to-all stays on NVLink")
+        out.append(f"- {a['gpus']} -> {b['gpus']} GPUs: {why}; preset all-to-all {pa['parts_ms']['all_to_all']:.2f} -> "
+                   f"{pb['parts_ms']['all_to_all']:.2f} ms, lookup {pa['parts_ms']['lookup']:.2f} -> "
+                   f"{pb['parts_ms']['lookup']:.2f} ms per step, so samples/s grows x{gain:.2f} for "
+                   f"x{b['gpus'] / a['gpus']:.0f} the GPUs (calibrated: x{calibrated_gain(a, b)}).")
+    return ["Why the curves bend (preset numbers; every GPU does the same lookups per step under weak scaling, so "
+            "the lookup stays about flat and the all-to-all decides):", "", *out]
 
 
 def failures_section(runs: list[dict]) -> list[str]:

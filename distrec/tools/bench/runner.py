@@ -21,8 +21,10 @@ from pathlib import Path
 
 from distrec.tools.bench.matrix import MODELS, PS_STRATEGY, RunSpec, SweepOptions
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]  # the repository (this file is distrec/tools/bench/runner.py)
 ERROR_LINES = 12  # lines of a failed run's output kept in results.json
+CALIBRATION_FILE = "calibration.json"  # this machine's measured rates, in the report folder
+ACCURACY_EVALS = 4  # evaluations during an accuracy run (plus the final one): its AUC-vs-samples curve
 
 
 @dataclass
@@ -45,7 +47,8 @@ class Bench:
         """Config, data and the identical sample budget of every engine."""
         m = self.models[spec.model]
         logs = self.run_dir(spec) / "logs"
-        every = max(spec.steps // (self.evals_per_run + 1), 1)
+        evals = ACCURACY_EVALS if spec.purpose == "accuracy" else self.evals_per_run
+        every = max(spec.steps // (evals + 1), 1)
         return ["--config", str(ROOT / m.config), *m.overrides, f"--data.path={self.data_dir(spec.model)}",
                 f"--train.max_steps={spec.steps}", f"--train.global_batch_size={spec.global_batch}",
                 "--train.progress_bar=false", f"--train.log_every_steps={max(spec.steps // 4, 1)}",
@@ -79,9 +82,23 @@ class Bench:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         m = self.models[spec.model]
+        rates = self.out / CALIBRATION_FILE
         cmd = [sys.executable, "-m", "distrec", "plan", "--gpus", str(spec.ranks), "--config", str(ROOT / m.config),
-               "--preset", "cpu", "--json", str(path), *m.overrides, f"--train.global_batch_size={spec.global_batch}"]
+               "--preset", "cpu", "--json", str(path), "--calibration", str(rates) if rates.exists() else "none",
+               *m.overrides, f"--train.global_batch_size={spec.global_batch}"]
         check(cmd, self.out / "plans" / f"{path.stem}.log", timeout=120)
+
+    def calibrate(self) -> float:
+        """This machine's rates (``distrec plan --calibrate`` on 2 ranks) into the report folder, once;
+        returns seconds spent. The planner's plans and the projection's CPU estimates use them."""
+        path = self.out / CALIBRATION_FILE
+        if path.exists():
+            return 0.0
+        start = time.perf_counter()
+        cmd = [sys.executable, "-m", "distrec", "plan", "--calibrate", "--gpus", "2", "--config",
+               str(ROOT / self.models[self.opts.models[0]].config), "--preset", "cpu", "--calibration", str(path)]
+        check(cmd, self.out / "calibration.log", timeout=600)
+        return time.perf_counter() - start
 
     def make_data(self, model: str) -> float:
         """Synthesize the model's data once; returns seconds spent (0 when it was there)."""

@@ -94,9 +94,11 @@ def test_accuracy_runs_compare_sync_and_the_ps_at_the_same_samples(tmp_path):
 
 def test_projection_explains_where_the_curves_bend(tmp_path):
     readme = write_report(results(), tmp_path).read_text()
-    assert ("- 8 -> 16 GPUs: the all-to-all leaves the node (50% of each GPU's all-to-all bytes cross the network, "
-            "0% before); preset all-to-all 0.50 -> 1.50 ms") in readme
-    assert "- 16 -> 64 GPUs: the all-to-all leaves the node (88% of each GPU's all-to-all bytes cross" in readme
+    assert ("- 8 -> 16 GPUs: the exchanges leave the node (50% of each GPU's all-to-all bytes cross the network, "
+            "0% before, and the all-reduce runs at the network's speed); step 2.00 -> 3.00 ms, most of the change in "
+            "the embedding all-to-alls (0.50 -> 1.50 ms)") in readme
+    assert "- 16 -> 64 GPUs: more of the exchanges cross nodes (88% of each GPU's all-to-all bytes cross" in readme
+    assert "| 8 | 1 | 2.00 | 4,096,000 | 1.00 / 0.50 / 0.00 / 0.50 / 0.00 |" in readme
     assert "measured rates (`calibration.json`" in readme  # structure, not the CPU's rates
     doc = results()
     del doc["projection"]["calibration"]["rates"]

@@ -10,7 +10,9 @@ off: the bytes and calls it counts for a lookup or an all-to-all against what th
 CPU estimate uses this machine's measured rates (``distrec plan --calibrate``, kept by the sweep as
 ``calibration.json`` in the report folder); then, for the sync runs with the planner's plan, the slowest
 rank's estimated lookup (forward) and forward all-to-all times are compared with the measured step-time
-breakdown (lookup; input + output all-to-all), term by term. With the rates measured, a ratio near 1
+breakdown (lookup; input + output all-to-all), term by term, on the runs with no more ranks than the
+machine has cores (beyond that the ranks time-share the cores and an all-to-all mostly waits for a
+descheduled rank). With the rates measured, a ratio near 1
 says the structure holds; the H100 preset's ``lookup_efficiency`` and ``comm_efficiency`` are multiplied
 by the median estimated / measured ratios (at most 1: a measurement never makes the model faster than
 its preset). Without a calibration the ratios compare the ``cpu`` preset's assumed rates with this
@@ -65,11 +67,14 @@ def calibration(doc: dict, model: str, out: Path) -> dict:
     """Median estimated / measured ratios of lookup and all-to-all time, with the run ids used, and
     whether the estimates used measured rates (``rates``: the file) or the preset's."""
     rates = out / CALIBRATION_FILE if (out / CALIBRATION_FILE).exists() else None
+    cores = doc.get("machine", {}).get("cores") or 1
     lookup, comm, used = [], [], []
     for r in doc["runs"]:
         if (r["status"], r["engine"], r["strategy"], r["model"], r.get("purpose", "speed")) != \
                 ("ok", "sync", "planner", model, "speed") or "breakdown_ms" not in r:
             continue
+        if r["ranks"] > cores:  # time-shared cores: an exposed all-to-all there is mostly waiting for a
+            continue            # descheduled rank, which no GPU run has, so it says nothing of the model
         plan = out / "plans" / f"{model}-r{r['ranks']}-b{r['global_batch']}.json"
         if not plan.exists():
             continue

@@ -225,8 +225,9 @@ def projection_section(doc: dict) -> list[str]:
              f"The planner's cost model (`{p['preset']}` preset, {p['gpus_per_node']} GPUs per node) on the "
              f"planner's own plan for the `{p['model']}` model at {batch} rows per GPU: weak scaling, so samples/s "
              f"= GPUs x {batch} / step time. {calibration_text(cal)}", "",
-             "| GPUs | nodes | preset: ms/step | preset: samples/s | preset: lookup / all-to-all / dense ms | "
-             "calibrated: ms/step | calibrated: samples/s | calibrated: lookup / all-to-all / dense ms |",
+             "| GPUs | nodes | preset: ms/step | preset: samples/s | preset: lookup / all-to-all / all-reduce / dense / "
+             "other ms | calibrated: ms/step | calibrated: samples/s | calibrated: lookup / all-to-all / all-reduce / "
+             "dense / other ms |",
              "|---|---|---|---|---|---|---|---|"]
     for q in p["points"]:
         pre, cal_ = q.get("preset", {}), q.get("calibrated", {})
@@ -249,11 +250,17 @@ def calibration_text(cal: dict) -> str:
             f"curve is a pessimistic bound ({ratios}); the preset curve is the datasheet-based one.")
 
 
+PARTS = ("lookup", "all_to_all", "allreduce", "dense", "other")
+PART_NAMES = {"lookup": "the lookup", "all_to_all": "the embedding all-to-alls",
+              "allreduce": "the replicated tables' all-reduce", "dense": "the dense part (MLPs, their all-reduce)",
+              "other": "the fixed per-step cost"}
+
+
 def parts_text(point: dict) -> str:
     parts = point.get("parts_ms")
     if not parts:
         return point.get("error", "-")
-    return f"{parts['lookup']:.2f} / {parts['all_to_all']:.2f} / {parts['dense']:.2f}"
+    return " / ".join(f"{parts[k]:.2f}" for k in PARTS)
 
 
 def calibrated_gain(a: dict, b: dict) -> str:
@@ -262,23 +269,31 @@ def calibrated_gain(a: dict, b: dict) -> str:
 
 
 def shape_text(points: list[dict], per_node: int) -> list[str]:
-    """Why each curve bends: where the all-to-all leaves the node, and the share of it that crosses."""
+    """Why each curve bends: which part of the step grows from one size to the next, and where the
+    exchanges leave the node."""
     ok = [q for q in points if "parts_ms" in q.get("preset", {})]
     if len(ok) < 2:
         return []
     out = []
     for a, b in zip(ok, ok[1:]):
         pa, pb = a["preset"], b["preset"]
-        gain = pb["samples_per_s"] / pa["samples_per_s"]
+        grew = max(PARTS, key=lambda k: pb["parts_ms"][k] - pa["parts_ms"][k])
         cross = lambda q: max(q["gpus"] - per_node, 0) / q["gpus"]  # noqa: E731  (share of a GPU's bytes off-node)
-        why = (f"the all-to-all leaves the node ({cross(b):.0%} of each GPU's all-to-all bytes cross the network, "
-               f"{cross(a):.0%} before)" if b["nodes"] > a["nodes"] else "the all-to-all stays on NVLink")
-        out.append(f"- {a['gpus']} -> {b['gpus']} GPUs: {why}; preset all-to-all {pa['parts_ms']['all_to_all']:.2f} -> "
-                   f"{pb['parts_ms']['all_to_all']:.2f} ms, lookup {pa['parts_ms']['lookup']:.2f} -> "
-                   f"{pb['parts_ms']['lookup']:.2f} ms per step, so samples/s grows x{gain:.2f} for "
-                   f"x{b['gpus'] / a['gpus']:.0f} the GPUs (calibrated: x{calibrated_gain(a, b)}).")
-    return ["Why the curves bend (preset numbers; every GPU does the same lookups per step under weak scaling, so "
-            "the lookup stays about flat and the all-to-all decides):", "", *out]
+        leave = "the exchanges leave the node" if a["nodes"] == 1 else "more of the exchanges cross nodes"
+        where = (f"{leave} ({cross(b):.0%} of each GPU's all-to-all bytes cross the network, {cross(a):.0%} before, "
+                 "and the all-reduce runs at the network's speed)" if b["nodes"] > a["nodes"]
+                 else "the exchanges stay on NVLink")
+        out.append(f"- {a['gpus']} -> {b['gpus']} GPUs: {where}; step {pa['step_ms']:.2f} -> {pb['step_ms']:.2f} ms, "
+                   f"most of the change in {PART_NAMES[grew]} ({pa['parts_ms'][grew]:.2f} -> "
+                   f"{pb['parts_ms'][grew]:.2f} ms), so samples/s grows x{pb['samples_per_s'] / pa['samples_per_s']:.2f} "
+                   f"for x{b['gpus'] / a['gpus']:.0f} the GPUs (calibrated: x{calibrated_gain(a, b)}).")
+    top = max(PARTS, key=lambda k: ok[0]["preset"]["parts_ms"][k])
+    return ["Why the curves bend (preset numbers; weak scaling, so every GPU does the same lookups per step and "
+            "what grows is what crosses GPUs):", "", *out, "",
+            f"At {ok[0]['gpus']} GPUs the largest part of the step is {PART_NAMES[top]} "
+            f"({ok[0]['preset']['parts_ms'][top]:.2f} of {ok[0]['preset']['step_ms']:.2f} ms); the calibrated curve "
+            "has the preset's shape where its ratios are near 1, and falls further wherever the all-to-all "
+            "ratio is low (a slow exchange costs more the more of it crosses nodes)."]
 
 
 def failures_section(runs: list[dict]) -> list[str]:
@@ -320,7 +335,7 @@ def method_section(doc: dict) -> list[str]:
             "scaling numbers measure the engines' overhead under contention, not what more hardware would give "
             "(the projection is the model's answer to that).",
             "- Async PS: W workers each push updates from 1/W of every global batch, so for the same samples it "
-            "makes W times as many, W times smaller, updates as sync: at a small sample budget that can favour "
-            "its AUC (see docs/benchmarks.md for the same-updates comparison).",
+            "makes W times as many, W times smaller, updates as sync: after the throughput runs' few batches "
+            "that favours its AUC, so accuracy is compared only in the accuracy runs (about an epoch each).",
             "- Other jobs share this machine: single runs can be off by tens of percent; compare medians and "
             "look at the spread where repeats ran.", ""]

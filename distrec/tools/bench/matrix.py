@@ -129,6 +129,9 @@ def accuracy_configs(opts: SweepOptions) -> list[tuple[str, str, str, int, int]]
 def sweep(opts: SweepOptions) -> list[RunSpec]:
     """Every run, repeats interleaved (repeat 0 of everything first) so that load from other jobs on a
     shared machine spreads over configurations instead of hitting one configuration's repeats."""
-    return [spec for rep in range(opts.repeats) for spec in
-            [RunSpec(m, e, s, r, rep, b, opts.steps) for m, e, s, r, b in configs(opts)]
-            + [RunSpec(m, e, s, r, rep, b, opts.accuracy_steps, "accuracy") for m, e, s, r, b in accuracy_configs(opts)]]
+    def one_repeat(rep: int) -> list[RunSpec]:
+        return ([RunSpec(m, e, s, r, rep, b, opts.steps) for m, e, s, r, b in configs(opts)]
+                + [RunSpec(m, e, s, r, rep, b, opts.accuracy_steps, "accuracy")
+                   for m, e, s, r, b in accuracy_configs(opts)])
+
+    return [spec for rep in range(opts.repeats) for spec in one_repeat(rep)]

@@ -120,9 +120,10 @@ def accuracy_section(rows: list[dict]) -> list[str]:
                      f"{fmt(r['staleness_p99'], 1)} | {fmt(r['samples_per_s'])} | {fmt(seconds, 1)} | "
                      f"{cite(r['runs'])} |")
     if sync and sync["samples_per_s"]:
-        lines += ["", f"At equal wall-clock time: sync reaches its AUC in {sync['samples'] / sync['samples_per_s']:.1f} s "
-                      "of training; a PS row's seconds say how long the same samples took it on these cores (more "
-                      "workers than cores time-share them)."]
+        seconds = sync["samples"] / sync["samples_per_s"]
+        lines += ["", f"At equal wall-clock time: sync reaches its AUC in {seconds:.1f} s of training; a PS row's "
+                      "seconds say how long the same samples took it on these cores (more workers than cores "
+                      "time-share them)."]
     return lines + [""]
 
 
@@ -225,9 +226,9 @@ def projection_section(doc: dict) -> list[str]:
              f"The planner's cost model (`{p['preset']}` preset, {p['gpus_per_node']} GPUs per node) on the "
              f"planner's own plan for the `{p['model']}` model at {batch} rows per GPU: weak scaling, so samples/s "
              f"= GPUs x {batch} / step time. {calibration_text(cal)}", "",
-             "| GPUs | nodes | preset: ms/step | preset: samples/s | preset: lookup / all-to-all / all-reduce / dense / "
-             "other ms | calibrated: ms/step | calibrated: samples/s | calibrated: lookup / all-to-all / all-reduce / "
-             "dense / other ms |",
+             "| GPUs | nodes | preset: ms/step | preset: samples/s | preset: lookup / all-to-all / all-reduce / "
+             "dense / other ms | calibrated: ms/step | calibrated: samples/s | calibrated: lookup / all-to-all / "
+             "all-reduce / dense / other ms |",
              "|---|---|---|---|---|---|---|---|"]
     for q in p["points"]:
         pre, cal_ = q.get("preset", {}), q.get("calibrated", {})
@@ -283,10 +284,11 @@ def shape_text(points: list[dict], per_node: int) -> list[str]:
         where = (f"{leave} ({cross(b):.0%} of each GPU's all-to-all bytes cross the network, {cross(a):.0%} before, "
                  "and the all-reduce runs at the network's speed)" if b["nodes"] > a["nodes"]
                  else "the exchanges stay on NVLink")
+        gain = pb["samples_per_s"] / pa["samples_per_s"]
         out.append(f"- {a['gpus']} -> {b['gpus']} GPUs: {where}; step {pa['step_ms']:.2f} -> {pb['step_ms']:.2f} ms, "
                    f"most of the change in {PART_NAMES[grew]} ({pa['parts_ms'][grew]:.2f} -> "
-                   f"{pb['parts_ms'][grew]:.2f} ms), so samples/s grows x{pb['samples_per_s'] / pa['samples_per_s']:.2f} "
-                   f"for x{b['gpus'] / a['gpus']:.0f} the GPUs (calibrated: x{calibrated_gain(a, b)}).")
+                   f"{pb['parts_ms'][grew]:.2f} ms), so samples/s grows x{gain:.2f} for x{b['gpus'] / a['gpus']:.0f} "
+                   f"the GPUs (calibrated: x{calibrated_gain(a, b)}).")
     top = max(PARTS, key=lambda k: ok[0]["preset"]["parts_ms"][k])
     return ["Why the curves bend (preset numbers; weak scaling, so every GPU does the same lookups per step and "
             "what grows is what crosses GPUs):", "", *out, "",

@@ -24,6 +24,7 @@ from distrec.trainer.loop import report_breakdown, train_loop
 from distrec.trainer.phases import PhaseTimer
 from distrec.trainer.pipeline import pipelining
 from distrec.trainer.plan_check import report_plan_check
+from distrec.trainer.precision import precision_note
 from distrec.trainer.schedule import Schedule, lr_notes
 from distrec.trainer.state import Position, restore
 from sharding.runtime import InputError
@@ -95,6 +96,8 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
         log.info(f"plan on {ctx.world_size} rank(s), backend {ctx.backend}, device {ctx.device}, from "
                  f"{built.chosen.source}{f' (kept as {kept})' if kept else ''}:\n{built.chosen.report}")
         log.info(f"embedding kernel: {embeddings.kernel} ({embeddings.kernel_reason})")
+        precision, warning = precision_note(cfg.train.precision, ctx.device.type)
+        log.info(precision + (f"\nwarning: {warning}" if warning else ""))
         log.info("pipeline: " + ("on: batch i+1's ids are exchanged while batch i trains (input_wait_ms in "
                                  "metrics.jsonl shows how much of it was not hidden)" if pipelining(cfg, ctx.world_size)
                                  else "off (one rank: no exchange to hide)" if cfg.train.pipeline else "off"))

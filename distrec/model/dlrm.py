@@ -132,15 +132,17 @@ class DLRM(nn.Module):
         DLRM(13, embeddings, [64, 16], [64, 32], "cat", dropout=0.1, norm="layer", fm=True)
 
     ``overlap``: run the bottom MLP while the pooled embeddings are exchanged (same results either way).
+    ``precision="bf16"``: the bottom MLP, the interaction, the top MLP (and FM) under bf16 autocast; the
+    embeddings and their exchange stay fp32, and the logit is returned in fp32 for an fp32 loss.
     """
 
     def __init__(self, num_dense: int, embeddings: EmbeddingPart, bottom_mlp: list[int], top_mlp: list[int],
                  interaction: str = "dot", dcn_layers: int = 2, dcn_low_rank: int = 0,
                  dropout: float | list[float] = 0.0, norm: str = "none", fm: bool = False, init: str = "default",
-                 overlap: bool = True):
+                 overlap: bool = True, precision: str = "fp32"):
         super().__init__()
         self.embeddings = embeddings
-        self.overlap = overlap
+        self.overlap, self.precision = overlap, precision
         n_bottom = len(bottom_mlp) if num_dense else 0
         rates = list(dropout) if isinstance(dropout, list) else [dropout] * (n_bottom + len(top_mlp))
         self.bottom = mlp([num_dense, *bottom_mlp], True, norm, rates[:n_bottom]) if num_dense else None
@@ -164,13 +166,18 @@ class DLRM(nn.Module):
     def from_config(cfg: Config, embeddings: EmbeddingPart) -> "DLRM":
         m = cfg.model
         return DLRM(len(cfg.schema.dense), embeddings, m.bottom_mlp, m.top_mlp, m.interaction,
-                    m.dcn_layers, m.dcn_low_rank, dropout_rates(cfg), m.norm, m.fm, m.init, cfg.train.overlap)
+                    m.dcn_layers, m.dcn_low_rank, dropout_rates(cfg), m.norm, m.fm, m.init, cfg.train.overlap,
+                    cfg.train.precision)
 
     def _bottom(self, dense: torch.Tensor) -> torch.Tensor | None:
         if self.bottom is None:
             return None
-        with torch.profiler.record_function("bottom_mlp"):
+        with torch.profiler.record_function("bottom_mlp"), self._compute(dense):
             return self.bottom(dense)
+
+    def _compute(self, like: torch.Tensor) -> torch.autocast:
+        """The dense part's precision: bf16 autocast on ``like``'s device, or fp32 (autocast off)."""
+        return torch.autocast(like.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def dense_parameters(self) -> list[nn.Parameter]:
         skip = {id(p) for p in self.embeddings.parameters()}
@@ -186,5 +193,7 @@ class DLRM(nn.Module):
             pooled = flight.wait()
         else:
             bottom, pooled = self._bottom(dense), self.embeddings(sparse)
-        logit = self.top(self.interaction(bottom, pooled, self.dim)).squeeze(1)
-        return logit if self.fm is None else logit + self.fm(pooled, self.dim)
+        with self._compute(pooled):
+            logit = self.top(self.interaction(bottom, pooled, self.dim)).squeeze(1)
+            logit = logit if self.fm is None else logit + self.fm(pooled, self.dim)
+        return logit.float()  # the loss and its sum over the batch in fp32

@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 from distrec import __version__
+from distrec.trainer.precision import cpu_flags, half_line
 
 # (torch, fbgemm-gpu, torchrec) minors published and tested together, with the builds they exist for.
 # 2.13/1.8/1.8: our constraints.txt (CPU, `make test`), and the torchrec 1.8.0 release promotion
@@ -334,6 +335,7 @@ def main() -> int:
     _row("backends", _backends(torch.distributed))
     gpus, gpu_text = _gpus(torch)
     _row("gpus", gpu_text)
+    _row("cpu half", half_line(cpu_flags()))
 
     fbgemm_v, torchrec_v = versions["fbgemm_gpu"], versions["torchrec"]
     problems = check_versions(torch_v, fbgemm_v, torchrec_v, gpus=gpus,

@@ -105,7 +105,7 @@ def coordinate(cfg: Config, procs: dict, init_method: str) -> dict:
     log = MetricsLog(cfg.logging.dir, True, total * cfg.ps.workers, cfg.train.progress_bar, first_step=first)
     write_resolved_config(cfg.logging.dir, dump_toml(cfg))
     log.info(f"async PS: {S} server(s) ({cfg.ps.partition} partition), {cfg.ps.workers} worker(s), "
-             f"{total} global batches of {cfg.train.global_batch_size}")
+             f"{total} global batches of {cfg.train.global_batch_size}, workers' dense part in {cfg.train.precision}")
     reporter = Reporter(log, cfg.train.log_every_steps, first_step=first)
     futures = [rpc.rpc_async(f"worker{w}", run_worker, args=(cfg, w, servers, rpc.RRef(reporter), total), timeout=0)
                for w in range(cfg.ps.workers)]

@@ -196,4 +196,4 @@ class DLRM(nn.Module):
         with self._compute(pooled):
             logit = self.top(self.interaction(bottom, pooled, self.dim)).squeeze(1)
             logit = logit if self.fm is None else logit + self.fm(pooled, self.dim)
-        return logit.float()  # the loss and its sum over the batch in fp32
+        return logit if self.precision == "fp32" else logit.float()  # the loss and its batch sum in fp32

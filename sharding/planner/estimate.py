@@ -174,6 +174,13 @@ def requester_bytes(t: TableConfig, option: ShardOption, work: Workload) -> tupl
     return ids, pooled, pooled
 
 
+def own_sample_buffers(requester: tuple[float, float, float]) -> float:
+    """Bytes every rank holds for its own samples from ``requester_bytes`` (summed over tables): ids and
+    lengths out (twice: the routed copy), pooled rows in and their gradients out."""
+    ids, pooled, grads = requester
+    return 2 * ids + pooled + grads
+
+
 def dense_seconds(dense: DenseCost | None, work: Workload, topo: Topology) -> float:
     """MLP forward + backward (2x forward) FLOPs, the optimizer's pass over the weights, DDP's all-reduce."""
     if dense is None:
@@ -199,8 +206,7 @@ class RankModel:
         self.replica_latency = replica_widths * topo.collective_latency_s if topo.world_size > 1 else 0.0
         self.dense = dense_seconds(work.dense, work, topo)
         self.other = ids_per_rank * ROUTE_BYTES_PER_ID / lookup_rate + topo.step_overhead_s
-        # Own samples' ids and lengths out (twice: routed copy), pooled rows in and their gradients.
-        self.uniform_buffers = 2 * requester[0] + requester[1] + requester[2]
+        self.uniform_buffers = own_sample_buffers(requester)
 
     def time(self, v: PieceCost) -> TimeCost:
         s, (ids, out, grad) = self.s_per_byte, self.requester

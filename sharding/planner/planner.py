@@ -18,13 +18,13 @@ import time
 
 from sharding.plan import check_tables, validate_plan
 from sharding.planner.enumerators import enumerate_options
-from sharding.planner.estimate import FP32_BYTES, estimate_plan, optimizer_bytes, requester_bytes
+from sharding.planner.estimate import FP32_BYTES, estimate_plan, optimizer_bytes, own_sample_buffers, requester_bytes
 from sharding.planner.exchange import EXCHANGE_MARGIN, with_exchange
 from sharding.planner.partition import Search
 from sharding.planner.report import explain, infeasible_message
 from sharding.planner.types import GB, InfeasiblePlanError, PlannerError, PlanResult, TableConstraints, Topology, Workload
 from sharding.sharding_types import RULES
-from sharding.types import OPTIMIZERS, Shard, ShardingPlan, TableConfig, TablePlan
+from sharding.types import OPTIMIZERS, ShardingPlan, TableConfig, TablePlan
 
 # Tables up to this size (fp32 weights) may be replicated when the config does not say otherwise:
 # a replica costs memory on every rank and an all-reduce of the whole table per step.
@@ -92,8 +92,7 @@ def _to_plan(search: Search) -> ShardingPlan:
     plans = {}
     for ti, t in enumerate(search.tables):
         option = search.options[ti][search.choice[ti]]
-        shards = [Shard(r, s.row_start, s.row_end, s.col_start, s.col_end)  # s.on(r), without replace()'s cost
-                  for s, r in zip(option.shards, search.ranks[ti])]
+        shards = [s.on(r) for s, r in zip(option.shards, search.ranks[ti])]
         plans[t.name] = TablePlan(t.name, option.kind, sorted(shards, key=lambda s: (s.col_start, s.row_start)))
     return ShardingPlan(search.topo.world_size, plans)
 
@@ -193,12 +192,10 @@ def _floor_per_rank(search: Search) -> float:
     all-to-all buffers (the same on every rank: its own samples' ids, pooled rows and gradients) or,
     replicated, its whole shard. When this alone does not fit, more ranks do not help."""
     floor = 0.0
-    for t, options, costs in zip(search.tables, search.options, search.costs):
-        per_option = []
-        for option, cs in zip(options, costs):
-            ids, pooled, grads = requester_bytes(t, option, search.work)
-            per_option.append(max(h.mem for h in cs) if RULES[option.kind].replicated else 2 * ids + pooled + grads)
-        floor += min(per_option)
+    for ti, (t, options) in enumerate(zip(search.tables, search.options)):
+        floor += min(search.max_piece_mem(ti, oi) if RULES[option.kind].replicated
+                     else own_sample_buffers(requester_bytes(t, option, search.work))
+                     for oi, option in enumerate(options))
     return floor
 
 

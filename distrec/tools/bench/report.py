@@ -264,6 +264,11 @@ def parts_text(point: dict) -> str:
     return " / ".join(f"{parts[k]:.2f}" for k in PARTS)
 
 
+def off_node(point: dict, per_node: int) -> float:
+    """The share of a GPU's all-to-all bytes that go to other nodes: (W - G) / W."""
+    return max(point["gpus"] - per_node, 0) / point["gpus"]
+
+
 def calibrated_gain(a: dict, b: dict) -> str:
     x, y = a.get("calibrated", {}).get("samples_per_s"), b.get("calibrated", {}).get("samples_per_s")
     return f"{y / x:.2f}" if x and y else "-"
@@ -279,9 +284,9 @@ def shape_text(points: list[dict], per_node: int) -> list[str]:
     for a, b in zip(ok, ok[1:]):
         pa, pb = a["preset"], b["preset"]
         grew = max(PARTS, key=lambda k: pb["parts_ms"][k] - pa["parts_ms"][k])
-        cross = lambda q: max(q["gpus"] - per_node, 0) / q["gpus"]  # noqa: E731  (share of a GPU's bytes off-node)
         leave = "the exchanges leave the node" if a["nodes"] == 1 else "more of the exchanges cross nodes"
-        where = (f"{leave} ({cross(b):.0%} of each GPU's all-to-all bytes cross the network, {cross(a):.0%} before, "
+        where = (f"{leave} ({off_node(b, per_node):.0%} of each GPU's all-to-all bytes cross the network, "
+                 f"{off_node(a, per_node):.0%} before, "
                  "and the all-reduce runs at the network's speed)" if b["nodes"] > a["nodes"]
                  else "the exchanges stay on NVLink")
         gain = pb["samples_per_s"] / pa["samples_per_s"]

@@ -19,7 +19,7 @@ from typing import Any
 
 # The sparse operation kit's vocabularies: configs are checked against the names the kit defines.
 from sharding.planner.topology import PRESETS
-from sharding.types import KERNELS, OPTIMIZERS, SHARDING_TYPES, TABLE_INITS
+from sharding.types import KERNELS, OPTIMIZERS, PRECISIONS, SHARDING_TYPES, TABLE_INITS
 
 
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
@@ -69,6 +69,12 @@ class TablesConfig:
     inits: list[str] = field(default_factory=list)
     init_std: float = 0.01
     init_stds: list[float] = field(default_factory=list)
+    # How the weights are stored: fp32 | fp16 | bf16 (half the memory; optimizer state stays fp32 and
+    # updates are computed in fp32, then rounded: stochastically unless stochastic_rounding = false,
+    # see sharding.rounding); per table with precisions
+    precision: str = "fp32"
+    precisions: list[str] = field(default_factory=list)
+    stochastic_rounding: bool = True
 
 
 @dataclass
@@ -114,6 +120,13 @@ class PlanConfig:
     # it can run the plan; on CUDA without it, triton; else torch) | torch (F.embedding_bag +
     # SparseOptimizer) | fbgemm | triton
     kernel: str = "auto"
+    # The pooled-embedding all-to-all in fp32 | fp16 | bf16 (TorchRec's quantized comms): the forward's
+    # pooled vectors, and with comm_precision_backward (same: as the forward) their gradients; the
+    # row-wise partial sums are added in fp32 after the exchange. dense_comm_precision = "bf16" all-reduces
+    # the dense gradients in bf16 (DDP's bf16 compress hook, Horovod's compression), averaged in fp32.
+    comm_precision: str = "fp32"
+    comm_precision_backward: str = "same"
+    dense_comm_precision: str = "fp32"
 
     def overrides(self) -> dict[str, str]:
         return {name: kind for kind in SHARDING_TYPES for name in getattr(self, kind)}
@@ -288,6 +301,7 @@ class TableSpec:
     hotness: int
     init: str = "uniform"  # sharding.types.TABLE_INITS
     init_std: float = 0.0
+    precision: str = "fp32"  # sharding.types.PRECISIONS: the weights' storage
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "source"]
@@ -298,6 +312,10 @@ CHOICES = {
     ("model", "norm"): ("none", "batch", "layer"),
     ("model", "init"): ("default", "xavier_uniform", "xavier_normal"),
     ("tables", "init"): TABLE_INITS,
+    ("tables", "precision"): PRECISIONS,
+    ("plan", "comm_precision"): PRECISIONS,
+    ("plan", "comm_precision_backward"): ("same", *PRECISIONS),
+    ("plan", "dense_comm_precision"): ("fp32", "bf16"),
     ("optimizer", "dense"): DENSE_OPTIMIZERS,
     ("optimizer", "sparse"): OPTIMIZERS,
     ("optimizer", "schedule"): ("constant", "warmup", "step", "exponential", "plateau", "mlperf"),
@@ -475,8 +493,9 @@ def table_specs(cfg: Config, cardinalities: dict[str, int] | None = None) -> lis
     hot = _per_table(cfg, "hotnesses", t.hotness, t.hotnesses)
     inits = _per_table(cfg, "inits", t.init, t.inits)
     stds = _per_table(cfg, "init_stds", t.init_std, t.init_stds)
-    return [TableSpec(n, r, d, t.pooling, z, h, i, sd)
-            for n, r, d, z, h, i, sd in zip(cfg.schema.categorical, rows, dims, zipf, hot, inits, stds)]
+    precisions = _per_table(cfg, "precisions", t.precision, t.precisions)
+    return [TableSpec(n, r, d, t.pooling, z, h, i, sd, p)
+            for n, r, d, z, h, i, sd, p in zip(cfg.schema.categorical, rows, dims, zipf, hot, inits, stds, precisions)]
 
 
 def validate(cfg: Config) -> None:
@@ -527,6 +546,10 @@ def _validate_best(cfg: Config) -> None:
 
 
 def _validate_inits(cfg: Config, specs: list[TableSpec]) -> None:
+    bad_precision = [p for p in cfg.tables.precisions if p not in PRECISIONS]
+    if bad_precision:
+        raise ConfigError(f"{cfg.source}: tables.precisions has {bad_precision[0]!r}, which is not one of "
+                          f"{', '.join(PRECISIONS)}")
     bad = [i for i in cfg.tables.inits if i not in TABLE_INITS]
     if bad:
         raise ConfigError(f"{cfg.source}: tables.inits has {bad[0]!r}, which is not one of {', '.join(TABLE_INITS)}")

@@ -30,6 +30,10 @@ class ShardingType(str, enum.Enum):
 SHARDING_TYPES = tuple(t.value for t in ShardingType)
 KERNELS = ("auto", "torch", "fbgemm", "triton", "cpu")  # lookup kernels (sharding.lookup picks "auto")
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")  # fused sparse optimizers (sharding.optim)
+# How a table's weights are stored (optimizer state is always fp32) and how pooled vectors travel:
+# sharding.rounding says how an update is rounded to a half-precision weight.
+PRECISIONS = ("fp32", "fp16", "bf16")
+BYTES_PER_ELEMENT = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 class PlanError(ValueError):
@@ -47,6 +51,7 @@ class TableConfig:
     pooling: str = "sum"  # sum | mean
     init: str = "uniform"  # TABLE_INITS: uniform (+-sqrt(1 / num_rows)) | normal | zeros
     init_std: float = 0.0  # the standard deviation of init = "normal"
+    precision: str = "fp32"  # PRECISIONS: how the weights are stored (optimizer state is fp32)
 
 
 @dataclass(frozen=True)

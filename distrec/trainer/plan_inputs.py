@@ -26,7 +26,7 @@ CALIBRATION_ENV = "DISTREC_CALIBRATION"  # a path that replaces the default (tes
 
 
 def tables_of(specs: list[TableSpec]) -> list[TableConfig]:
-    return [TableConfig(s.name, s.num_rows, s.dim, s.pooling, s.init, s.init_std) for s in specs]
+    return [TableConfig(s.name, s.num_rows, s.dim, s.pooling, s.init, s.init_std, s.precision) for s in specs]
 
 
 def pooling_factors(cfg: Config, specs: list[TableSpec], measured: dict[str, float] | None = None) -> dict[str, float]:

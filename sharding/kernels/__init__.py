@@ -33,10 +33,23 @@ class TableBatchedEmbedding(nn.Module):
     optional float ``per_sample_weights`` aligned with ``indices``. Returns [B, sum of widths]: sum
     pooling, table t's columns after table t-1's. Backward combines the gradients of duplicate ids and
     applies ``optim`` in place to the touched rows only (lazy); it returns no weight gradient.
+
+    Weights are stored in ``dtype`` (fp32, fp16 or bf16), optimizer state in fp32: an update is computed
+    in fp32 from the stored weight and rounded back as ``sharding.rounding.round_to(new, dtype,
+    stochastic_rounding, salt)`` does, bit for bit. ``salt`` is the rounding's salt for the next backward
+    (it grows by one after each; the runtime sets it to the training step with ``set_salt``).
     """
 
     shapes: list[tuple[int, int]]
     optim: OptimSpec
+    dtype: torch.dtype = torch.float32
+    stochastic_rounding: bool = True
+    salt: int = 0
+
+    def set_salt(self, salt: int) -> None:
+        """The stochastic rounding's salt for the next backward (the training step: a resumed or sharded
+        run rounds exactly as an uninterrupted single-process one)."""
+        self.salt = int(salt)
 
     def table_weights(self) -> list[torch.Tensor]:
         """Views [rows, width] of each table's weights (writable: checkpoints load through them)."""

@@ -222,3 +222,59 @@ def check_sharded_collection_matches_torch_kernel(kernel: str, kind: str) -> Non
         assert_within(got, want, pooled_tol, f"{kind}: pooled")
     for (shard, got), (_, want), tol in zip(results[kernel][1], tables, table_tols):
         assert_within(got, want, tol, f"{kind}: table {shard}")
+
+
+def check_half_storage_rounds_like_the_reference(make_tbe, dtype: torch.dtype, kind: str, stochastic: bool,
+                                                 weighted: bool = True, steps: int = 3) -> None:
+    """A ``dtype`` kernel against the same kernel in fp32 started from the same (half) weights and state,
+    ``steps`` steps: each step, the half kernel's rows must be exactly ``round_to`` of the fp32 kernel's
+    (``sharding.rounding``; salt = the step), its untouched rows unchanged and its fp32 state the fp32
+    kernel's exactly; then the fp32 kernel takes the half weights again. ``make_tbe(dtype,
+    stochastic_rounding)`` builds the kernel under test. Exact, not within a tolerance: both run the same
+    fp32 arithmetic on the same values and only the final store differs."""
+    from sharding.rounding import round_to
+
+    half, full = make_tbe(dtype, stochastic), make_tbe(torch.float32, stochastic)
+    assert half.table_weights()[0].dtype == dtype
+    for step in range(steps):
+        with torch.no_grad():
+            for w32, w16 in zip(full.table_weights(), half.table_weights()):
+                w32.copy_(w16.float())
+        before = [w.clone() for w in half.table_weights()]
+        batch = make_batch(seed=40 + step, weighted=weighted)
+        out16, out32 = train_step(half, *batch), train_step(full, *batch)
+        assert out16.dtype == torch.float32
+        assert torch.equal(out16, out32), f"{dtype} step {step}: forward pools the stored values in fp32"
+        for t, (w16, w32, b) in enumerate(zip(half.table_weights(), full.table_weights(), before)):
+            want = round_to(w32, dtype, stochastic, salt=step)
+            touched = (w32 != b.float()).any(1)
+            assert torch.equal(w16[touched], want[touched]), f"{dtype} step {step} table {t}: rounding"
+            assert torch.equal(w16[~touched], b[~touched]), f"{dtype} step {step} table {t}: untouched rows"
+        for t, (s16, s32) in enumerate(zip(half.table_states(), full.table_states())):
+            for name in s16:
+                assert s16[name].dtype == torch.float32 and torch.equal(s16[name], s32[name]), (t, name)
+
+
+def check_sub_ulp_updates_survive(make_tbe, dtype: torch.dtype, steps: int = 64) -> None:
+    """SGD steps of a tenth of a unit in the last place of ``dtype``: rounded to nearest they are all lost;
+    rounded stochastically the rows move by ``steps`` updates on average. Each update is 0.1 ulp, so a
+    row's count of upward roundings over ``steps`` is Binomial(steps, 0.1): over the 16 x width elements
+    averaged here its mean is 0.1 * steps ulp with a standard deviation below 0.3 * sqrt(steps / 16 /
+    width) ulp; the test allows 0.04 * steps (4 % of steps, well over 5 standard deviations at 64 steps
+    and width >= 8)."""
+    from sharding.rounding import ulp
+
+    results = {}
+    for stochastic in (False, True):
+        tbe = make_tbe(dtype, stochastic, [(16, 8)], OptimSpec("sgd", lr=1.0))
+        with torch.no_grad():
+            tbe.table_weights()[0].fill_(0.75)  # the middle of a binade: ulp is the same above and below
+        step_ulp = float(ulp(torch.tensor(0.75), dtype))
+        indices, offsets = torch.arange(16), torch.arange(17)
+        for _ in range(steps):
+            out = tbe(indices, offsets)
+            (out * (0.1 * step_ulp)).sum().backward()  # each row's gradient: 0.1 ulp, so lr = 1 moves it 0.1 ulp
+        moved_ulps = (0.75 - tbe.table_weights()[0].float()).mean().item() / step_ulp
+        results[stochastic] = moved_ulps
+    assert results[False] == 0.0, results
+    assert abs(results[True] - 0.1 * steps) <= 0.04 * steps, results

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -27,7 +28,7 @@ FLOATS = dict(per_sample_weights="*fp32", out="*fp32", grad="*fp32", partials="*
               state2="*fp32", row_state="*fp32", step_size="*fp32", lr="fp32", eps="fp32",
               one_minus_beta1="fp32", one_minus_beta2="fp32", l2="fp32")
 INTS = dict(num_bags="i32", batch_size="i32", out_row_stride="i32", num_runs="i32", long_run="i32",
-            grad_row_stride="i32")
+            grad_row_stride="i32", salt_key="i32")
 
 
 def compile_kernel(kernel, weights: str, constexprs: dict) -> int:
@@ -42,17 +43,26 @@ def compile_kernel(kernel, weights: str, constexprs: dict) -> int:
 def main() -> None:
     assert not K.INTERPRETED, "run without TRITON_INTERPRET=1: this checks the compiler, not the interpreter"
     every = dict(HAS_WEIGHTS=True, MEAN=True)
+    convert = dict(ROUNDING=K.ROUNDING_CODES["convert"], DROPPED_BITS=0)
+    stochastic = {torch.float16: dict(ROUNDING=K.ROUNDING_CODES["stochastic"], DROPPED_BITS=13),
+                  torch.bfloat16: dict(ROUNDING=K.ROUNDING_CODES["stochastic"], DROPPED_BITS=16)}
     variants = [
         (K.pool_bags, "*bf16", dict(every, BAGS=4, BLOCK_IDS=8, BLOCK_COLS=128)),
         (K.pool_bags, "*fp32", dict(HAS_WEIGHTS=False, MEAN=False, BAGS=32, BLOCK_IDS=1, BLOCK_COLS=128)),
         (K.sum_run_pieces, "*fp32", dict(every, BLOCK_IDS=32, BLOCK_COLS=128)),
-        (K.update_rows, "*fp32", dict(HAS_WEIGHTS=False, MEAN=False, OPTIM=K.OPTIM_CODES["sgd"], L2=False,
-                                      RUNS=32, BLOCK_COLS=128)),
-        (K.update_rows, "*fp32", dict(HAS_WEIGHTS=False, MEAN=False, OPTIM=K.OPTIM_CODES["adagrad"],
+        (K.update_rows, "*fp32", dict(convert, HAS_WEIGHTS=False, MEAN=False, OPTIM=K.OPTIM_CODES["sgd"],
+                                      L2=False, RUNS=32, BLOCK_COLS=128)),
+        (K.update_rows, "*fp32", dict(convert, HAS_WEIGHTS=False, MEAN=False, OPTIM=K.OPTIM_CODES["adagrad"],
                                       L2=True, RUNS=32, BLOCK_COLS=128)),
-        (K.update_rows, "*fp16", dict(every, OPTIM=K.OPTIM_CODES["rowwise_adagrad"], L2=True, RUNS=32,
-                                      BLOCK_COLS=128)),
-        (K.update_rows, "*bf16", dict(every, OPTIM=K.OPTIM_CODES["adam"], L2=False, RUNS=8, BLOCK_COLS=512)),
+        (K.update_rows, "*fp16", dict(every, **convert, OPTIM=K.OPTIM_CODES["rowwise_adagrad"], L2=True,
+                                      RUNS=32, BLOCK_COLS=128)),
+        (K.update_rows, "*bf16", dict(every, **convert, OPTIM=K.OPTIM_CODES["adam"], L2=False, RUNS=8,
+                                      BLOCK_COLS=512)),
+        # the stochastic rounding (hash, carry, truncation; bf16 stored from the high half)
+        (K.update_rows, "*fp16", dict(every, **stochastic[torch.float16], OPTIM=K.OPTIM_CODES["sgd"], L2=False,
+                                      RUNS=32, BLOCK_COLS=128)),
+        (K.update_rows, "*bf16", dict(every, **stochastic[torch.bfloat16], OPTIM=K.OPTIM_CODES["adagrad"],
+                                      L2=True, RUNS=32, BLOCK_COLS=128)),
     ]
     for kernel, weights, constexprs in variants:
         size = compile_kernel(kernel, weights, constexprs)

@@ -17,12 +17,63 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from sharding import rounding
+
 # Optimizer codes, passed as a constexpr so each optimizer compiles to its own kernel. The kernels' copies
 # are tl.constexpr because compiled kernels may read no other kind of global.
 OPTIM_CODES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3}
 SGD = tl.constexpr(OPTIM_CODES["sgd"])
 ADAGRAD = tl.constexpr(OPTIM_CODES["adagrad"])
 ROWWISE_ADAGRAD = tl.constexpr(OPTIM_CODES["rowwise_adagrad"])
+# How update_rows rounds the fp32 result to the weights' dtype (a constexpr): by the conversion alone (to
+# nearest even; exact for fp32), stochastically (sharding.rounding), or to nearest in integer ops (bf16
+# under the interpreter only: its fp32 -> bf16 conversion truncates, the GPU's rounds to nearest).
+ROUNDING_CODES = {"convert": 0, "stochastic": 1, "nearest_in_bits": 2}
+CONVERT = tl.constexpr(ROUNDING_CODES["convert"])
+STOCHASTIC = tl.constexpr(ROUNDING_CODES["stochastic"])
+BF16_DROPPED_BITS = tl.constexpr(rounding.DROPPED_BITS[rounding.DTYPES["bf16"]])
+# sharding.rounding's hash constants, and the fp32 exponent field (all ones: inf or nan).
+HASH_MUL1 = tl.constexpr(rounding.HASH_MUL1)
+HASH_MUL2 = tl.constexpr(rounding.HASH_MUL2)
+EXPONENT_BITS = tl.constexpr(0x7F800000)
+
+
+@triton.jit
+def _hash32(h):
+    """sharding.rounding.hash32 on uint32 values already xor-ed with the key: the products wrap at 32
+    bits and the shifts are logical, as the reference's masked int64 ones."""
+    h = h ^ (h >> 16)
+    h = h * HASH_MUL1
+    h = h ^ (h >> 15)
+    h = h * HASH_MUL2
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _round_in_bits(w, key, ROUNDING: tl.constexpr, DROPPED_BITS: tl.constexpr):
+    """fp32 ``w`` with its low DROPPED_BITS bits rounded off: stochastically as
+    sharding.rounding.round_to(w, dtype, True, salt) does (``key``: salt_key(salt) as uint32), or to
+    nearest even. The result is exact in the storage dtype, but for fp16's subnormals and overflow, which
+    the conversion then rounds to nearest as torch's does. Inf and nan are returned as they are."""
+    bits = w.to(tl.uint32, bitcast=True)
+    if ROUNDING == STOCHASTIC:
+        add = _hash32(bits ^ key) & ((1 << DROPPED_BITS) - 1)
+    else:  # just under half a kept unit, plus the kept lsb: ties go to even
+        add = ((1 << (DROPPED_BITS - 1)) - 1) + ((bits >> DROPPED_BITS) & 1)
+    # Added to the pattern (sign and magnitude), ``add`` carries into the kept bits with probability equal
+    # to the dropped fraction (stochastic), or when that is over half or half with an odd kept lsb
+    # (nearest); a finite value cannot carry past the sign bit.
+    rounded = (((bits + add) >> DROPPED_BITS) << DROPPED_BITS).to(tl.float32, bitcast=True)
+    return tl.where((bits & EXPONENT_BITS) == EXPONENT_BITS, w, rounded)
+
+
+@triton.jit
+def _bf16_of_exact(w):
+    """fp32 ``w`` exact in bf16 (low 16 bits zero, or inf/nan) as bf16: its high half, bit for bit. No
+    conversion: the interpreter's flushes or garbles fp32 subnormals; on the GPU this is a shift."""
+    high = w.to(tl.uint32, bitcast=True) >> 16
+    high = tl.where(w != w, high | 0x40, high)  # a nan stays a nan (its payload may be in the low half)
+    return high.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -107,12 +158,14 @@ def sum_run_pieces(col_offsets, offsets, bag_of, order, piece_starts, piece_ends
     tl.store(partials + piece.to(tl.int64) * BLOCK_COLS + cols, g)
 
 
-@triton.jit
+# salt_key changes every step: specialising on its value (divisible by 16, say) would compile new variants.
+@triton.jit(do_not_specialize=["salt_key"])
 def update_rows(weights, weight_offsets, col_offsets, row_offsets, indices, offsets, bag_of, order,
                 run_starts, num_runs, piece_first, partials, long_run, grad, grad_row_stride, per_sample_weights,
                 state1, state2, row_state, step_size, lr, eps, one_minus_beta1, one_minus_beta2, l2, batch_size,
+                salt_key,
                 OPTIM: tl.constexpr, L2: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MEAN: tl.constexpr, RUNS: tl.constexpr,
-                BLOCK_COLS: tl.constexpr):
+                BLOCK_COLS: tl.constexpr, ROUNDING: tl.constexpr, DROPPED_BITS: tl.constexpr):
     """Program k takes the distinct (table, row) pairs k * RUNS ... k * RUNS + RUNS - 1: sums each one's
     gradient over its occurrences, then applies the optimizer to those rows in place.
 
@@ -126,6 +179,10 @@ def update_rows(weights, weight_offsets, col_offsets, row_offsets, indices, offs
     bias-corrected lr (a device scalar, so the step count never has to come back to the host).
     ``L2``: add ``l2 * w`` to each summed row gradient first (sharding.optim's L2 on touched rows: each
     row is one run, so once per step); a constexpr, so kernels without it are the ones of before.
+    The new row is stored in the weights' dtype as ``ROUNDING`` (ROUNDING_CODES) says: converted to
+    nearest (exact for fp32), or first rounded in bits by ``_round_in_bits`` (``salt_key``: salt_key(salt)
+    as a signed 32-bit value; ``DROPPED_BITS``: rounding.DROPPED_BITS[dtype]); a constexpr too, so the
+    kernels that only convert are the ones of before.
     """
     run = tl.program_id(0) * RUNS + tl.arange(0, RUNS)
     run_ok = run < num_runs
@@ -187,7 +244,16 @@ def update_rows(weights, weight_offsets, col_offsets, row_offsets, indices, offs
         tl.store(state1 + at, m, mask=col_ok)
         tl.store(state2 + at, v, mask=col_ok)
         w = w - tl.load(step_size) * tl.div_rn(m, tl.sqrt_rn(v) + eps)
-    tl.store(weights + at, w.to(weights.dtype.element_ty), mask=col_ok)
+    if ROUNDING == CONVERT:
+        # To nearest even (Triton's default fp_downcast_rounding for fp32 to fp16/bf16), as torch's .to().
+        stored = w.to(weights.dtype.element_ty)
+    else:
+        w = _round_in_bits(w, salt_key.to(tl.uint32, bitcast=True), ROUNDING, DROPPED_BITS)
+        if DROPPED_BITS == BF16_DROPPED_BITS:
+            stored = _bf16_of_exact(w)
+        else:  # fp16: exact, but subnormals and overflow, rounded to nearest even as torch's .to()
+            stored = w.to(weights.dtype.element_ty)
+    tl.store(weights + at, stored, mask=col_ok)
 
 
 INTERPRETED = isinstance(pool_bags, InterpretedFunction)

@@ -12,6 +12,14 @@ over its occurrences and applies the optimizer to that row in place; runs longer
 first summed in pieces by a second kernel. No dense gradient is ever made. Two host syncs per backward:
 the number of distinct rows and of pieces size the grids.
 
+Weights are stored in fp32, fp16 or bf16; optimizer state always in fp32. The update is computed in fp32
+from the stored row and rounded once, at the store, by the rule of ``sharding.rounding.round_to`` (the
+one every kernel and the reference follow, bit for bit): to nearest, or with ``stochastic_rounding``
+(the default; half dtypes only) by adding hash bits of the value and the salt, the training step, before
+truncating. The kernels' copy of the rule is ``triton_kernels._round_in_bits``. Under the interpreter
+bf16 is rounded to nearest in integer ops too, and stored from fp32's high half: its fp32 -> bf16
+conversion truncates and garbles subnormals (the GPU's rounds to nearest even, as torch's).
+
 Needs only torch and Triton. On CUDA tensors the kernels are compiled; on CPU tensors they run under
 Triton's interpreter, which Triton fixes per process when it is imported: set TRITON_INTERPRET=1 before
 anything imports triton (``sharding.kernels.triton_kernels`` explains why). The interpreter is for
@@ -27,6 +35,7 @@ import torch
 
 from sharding.kernels import TableBatchedEmbedding, fused_lookup
 from sharding.optim import OptimSpec, state_names
+from sharding.rounding import DROPPED_BITS, salt_key
 
 POOLINGS = ("sum", "mean")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -73,17 +82,28 @@ def _tile_rows(block_cols: int) -> int:
     return max(1, min(ROWS_IN_FLIGHT, TILE_ELEMENTS // block_cols))
 
 
+def _signed_key(salt: int) -> int:
+    """salt_key(salt) as a signed 32-bit value: the kernel's argument is then always an i32 (one compiled
+    variant), and the kernel bitcasts it back to the uint32 key."""
+    key = salt_key(salt)
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
 class TritonTBE(TableBatchedEmbedding):
     """T tables of ``shapes`` [(rows, width)] in one flat buffer; ``optim`` is applied inside backward.
 
-    Weights are kept in ``dtype`` (fp32, fp16 or bf16; the update is computed in fp32 and rounded once),
-    optimizer state in fp32. ``pooling="mean"`` divides each bag by its length (empty bags give 0).
+    Weights are kept in ``dtype`` (fp32, fp16 or bf16), optimizer state in fp32. The update is computed
+    in fp32 and stored as ``sharding.rounding.round_to(new, dtype, stochastic_rounding, self.salt)``, bit
+    for bit: stochastically rounded by default, to nearest with ``stochastic_rounding=False`` (fp32 is
+    stored as computed either way). ``salt`` grows by one after every backward, with ids or without (as
+    the other kernels' does, so a step without ids on this rank keeps the ranks' salts equal);
+    ``set_salt`` sets it. ``pooling="mean"`` divides each bag by its length (empty bags give 0).
     Per-sample weights scale the rows but get no gradient. The storage is buffers, not parameters: dense
     optimizers and DDP must not see the tables.
     """
 
     def __init__(self, shapes: list[tuple[int, int]], optim: OptimSpec, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", pooling: str = "sum"):
+                 device: torch.device | str = "cpu", pooling: str = "sum", stochastic_rounding: bool = True):
         super().__init__()
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"TritonTBE stores fp32, fp16 or bf16 weights, got {dtype}")
@@ -93,6 +113,7 @@ class TritonTBE(TableBatchedEmbedding):
         if why:
             raise RuntimeError(f"TritonTBE cannot run here: {why}")
         self.shapes, self.optim, self.pooling = [(int(r), int(w)) for r, w in shapes], optim, pooling
+        self.dtype, self.stochastic_rounding, self.salt = dtype, bool(stochastic_rounding), 0
         rows = torch.tensor([0] + [r for r, _ in self.shapes], dtype=torch.int64)
         widths = torch.tensor([0] + [w for _, w in self.shapes], dtype=torch.int64)
         row_offsets = rows.cumsum(0)  # [T + 1]: global row id of each table's row 0
@@ -210,6 +231,8 @@ class TritonTBE(TableBatchedEmbedding):
         from sharding.kernels import triton_kernels as K
 
         step_size = self._adam_step_size()  # counted on every backward, touched rows or not
+        # Likewise: a rank without ids this step keeps the salt every other rank (and kernel) has.
+        salt, self.salt = self.salt, self.salt + 1
         if indices.numel() == 0:
             return
         grad = grad.to(torch.float32).contiguous()
@@ -228,10 +251,25 @@ class TritonTBE(TableBatchedEmbedding):
             self.weights, self.weight_offsets, self.col_offsets, self.row_offsets, indices, offsets, bag_of,
             order, run_starts, runs, piece_first, partials, self.long_run_ids, grad, grad.stride(0), psw,
             state1, state2, row_state, self.weights if step_size is None else step_size,
-            self.optim.lr, self.optim.eps, 1 - beta1, 1 - beta2, self.optim.l2, grad.shape[0],
+            self.optim.lr, self.optim.eps, 1 - beta1, 1 - beta2, self.optim.l2, grad.shape[0], _signed_key(salt),
             OPTIM=K.OPTIM_CODES[kind], L2=self.optim.l2 != 0.0, HAS_WEIGHTS=per_sample_weights is not None, MEAN=self.pooling == "mean",
             RUNS=runs_per_program, BLOCK_COLS=block_cols, num_warps=_num_warps(runs_per_program * block_cols),
-            enable_fp_fusion=False)  # a separate multiply and add round as the reference's do
+            enable_fp_fusion=False,  # a separate multiply and add round as the reference's do
+            **self._rounding())
+
+    def _rounding(self) -> dict:
+        """The update kernel's rounding constexprs (triton_kernels.ROUNDING_CODES): stochastic for half
+        dtypes when asked, else to nearest by the conversion, but for bf16 under the interpreter, whose
+        conversion truncates."""
+        from sharding.kernels.triton_kernels import ROUNDING_CODES
+
+        if self.dtype not in DROPPED_BITS:
+            return dict(ROUNDING=ROUNDING_CODES["convert"], DROPPED_BITS=0)
+        if self.stochastic_rounding:
+            how = "stochastic"
+        else:
+            how = "nearest_in_bits" if self.dtype == torch.bfloat16 and self.interpreted else "convert"
+        return dict(ROUNDING=ROUNDING_CODES[how], DROPPED_BITS=DROPPED_BITS[self.dtype] if how != "convert" else 0)
 
     def _sum_long_runs(self, run_starts, bag_of, order, offsets, grad, per_sample_weights):
         """Sum each run longer than ``long_run_ids`` in pieces of at most ``piece_ids`` occurrences, one

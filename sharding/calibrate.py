@@ -13,7 +13,7 @@ sizes (the slope is the rate, the intercept the fixed cost), the slowest rank co
   what the cost model counts for that plan, less its all-to-all time, over the measured time is the
   rate at which the runtime moves lookup bytes (``lookup_efficiency`` = that / memory bandwidth);
 - dense: the model's dense step (a caller-given factory, e.g. distrec's DLRM without its tables, or
-  the Linear layers alone) -> FLOP/s;
+  the Linear layers alone) -> FLOP/s, in fp32 and, with ``spec.bf16``, under bf16 autocast;
 - the whole training step (a caller-given factory: the trainer's step with the tables placed
   table-wise, on its own input path), once at the per-rank batch: what it takes beyond the runtime and
   the dense step measured apart (the data-parallel all-reduce of the MLPs, the loss, reading the input,
@@ -67,8 +67,10 @@ def _rank_main(rank: int, spec: CalibrationSpec, folder: str) -> None:
     store = dist.FileStore(os.path.join(folder, "store"), spec.world_size)
     init_process_group("gloo", rank=rank, world_size=spec.world_size, store=store)
     try:
-        out = {"alltoall": _time_alltoall(spec), "dense": _time_dense(spec),
+        out = {"alltoall": _time_alltoall(spec), "dense": _time_dense(spec, "fp32"),
                "runtime": [_time_runtime(spec, rank, "table_wise", b) for b in spec.batches()]}
+        if spec.bf16:
+            out["dense_bf16"] = _time_dense(spec, "bf16")
         if replicable(spec):
             out["replicated"] = [_time_runtime(spec, rank, "data_parallel", spec.batch_per_rank)]
         if spec.full_step:
@@ -116,22 +118,22 @@ def _time_runtime(spec: CalibrationSpec, rank: int, kind: str, batch: int) -> fl
     return _timed(step)
 
 
-def _time_dense(spec: CalibrationSpec) -> list[float]:
-    out = []
-    for b in spec.batches():
-        out.append(_timed(_dense_step(spec, b)))
-    return out
+def _time_dense(spec: CalibrationSpec, precision: str) -> list[float]:
+    return [_timed(_dense_step(spec, b, precision)) for b in spec.batches()]
 
 
-def _dense_step(spec: CalibrationSpec, batch: int):
+def _dense_step(spec: CalibrationSpec, batch: int, precision: str):
+    """The dense step at ``batch`` rows in ``precision`` (fp32, or bf16: its matmuls under autocast)."""
     if spec.dense_step:
-        return spec.dense_step(batch, *spec.dense_args)
+        return spec.dense_step(batch, *spec.dense_args, precision=precision)
     layers = torch.nn.ModuleList(torch.nn.Linear(i, o) for i, o in spec.dense_layers)
     opt = torch.optim.Adam(layers.parameters(), lr=1e-4)
     xs = [torch.randn(batch, layer.in_features) for layer in layers]
 
     def step():
-        sum(torch.relu(layer(x)).sum() for layer, x in zip(layers, xs)).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = sum(torch.relu(layer(x)).float().sum() for layer, x in zip(layers, xs))
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -22,7 +22,7 @@ def written_plan(cfg_path, data, path, world, *extra):
 
 def table_rows(stdout: str) -> dict[str, tuple[str, str]]:
     """{table: (type, why)} from the planner's table in the trainer's log."""
-    rows = re.finditer(r"^(c\d)\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+ [KMG]?B\s+(\w+)(?: x\d+)?\s+[\d,-]+\s+(\S.*?)\s{2,}", stdout, re.M)
+    rows = re.finditer(r"^(c\d)\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+ [KMG]?B\s+(?:fp32|fp16|bf16)\s+(\w+)(?: x\d+)?\s+[\d,-]+\s+(\S.*?)\s{2,}", stdout, re.M)
     return {m.group(1): (m.group(2), m.group(3)) for m in rows}
 
 

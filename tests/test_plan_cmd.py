@@ -10,6 +10,7 @@ import pytest
 
 from distrec.cli import main
 from distrec.config import load_config, table_specs
+from distrec.trainer.precision import BF16_FLAGS, cpu_flags
 from sharding.plan import load_plan
 from sharding.planner.calibration import load_calibration
 from sharding.types import ShardingType, TableConfig
@@ -107,7 +108,10 @@ def test_calibrate_measures_on_two_ranks_and_later_estimates_use_it(small_data, 
     assert re.search(r"whole training step [\d.]+ ms, [-+][\d.]+ ms beyond its parts", r.stdout)
     measured = load_calibration(rates, "cpu")
     assert measured["lookup_bytes_per_s"] > 0 and measured["alltoall_bytes_per_s"] > 0
-    assert set(measured["raw_seconds"]) == {"alltoall", "dense", "runtime", "replicated", "full"}
+    bf16 = bool(set(BF16_FLAGS) & cpu_flags())  # the dense step is timed under bf16 too where the CPU has bf16
+    assert set(measured["raw_seconds"]) == {"alltoall", "dense", "runtime", "replicated", "full"} | \
+        ({"dense_bf16"} if bf16 else set())
+    assert ("dense_bf16_flops_per_s" in measured) == bf16 == ("dense under bf16 autocast" in r.stdout)
     r = plan_cli(capfd, "plan", "--gpus", "2", "--preset", "cpu", "--config", str(cfg_path),
                  "--calibration", str(rates))
     assert r.returncode == 0, r.stderr

@@ -47,10 +47,11 @@ class _PooledStub(torch.nn.Module):
         return self.pooled
 
 
-def dense_step(batch: int, config: str | None, overrides: tuple[str, ...]):
+def dense_step(batch: int, config: str | None, overrides: tuple[str, ...], precision: str | None = None):
     """One dense training step of the config's DLRM at ``batch`` rows (bottom MLP, interaction, top MLP,
-    loss, backward, the dense optimizer), the pooled embeddings fixed: ``--calibrate``'s dense rate."""
-    cfg = load_config(config, list(overrides))
+    loss, backward, the dense optimizer), the pooled embeddings fixed: ``--calibrate``'s dense rate, in
+    ``precision`` (fp32 | bf16) in place of train.precision when given."""
+    cfg = load_config(config, list(overrides) + ([f"--train.precision={precision}"] if precision else []))
     specs = table_specs(cfg)
     model = DLRM.from_config(cfg, _PooledStub(specs, batch))
     opt = make_optimizers(cfg.optimizer, model)[0]

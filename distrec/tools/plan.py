@@ -21,6 +21,7 @@ from distrec.config import Config, TableSpec, load_config, table_specs
 from distrec.trainer.plan_inputs import (CALIBRATION_ENV, DEFAULT_CALIBRATION, batch_per_rank, calibration_file,
                                          dense_cost, measure_pooling, plan_config, pooling_factors, tables_of)
 from distrec.tools import calibrate_steps
+from distrec.trainer.precision import BF16_FLAGS, cpu_flags
 from sharding.calibrate import calibrate
 from sharding.plan import save_plan
 from sharding.planner import GB, PlannerError
@@ -130,7 +131,9 @@ def _calibrate(cfg: Config, specs, args, rest: list[str]) -> int:
                            batch_per_rank=args.batch_size or batch_per_rank(cfg, ranks), optimizer=cfg.optimizer.sparse,
                            pooling=sum(pooling_factors(cfg, specs).values()) / len(specs),
                            dense=dense_cost(cfg, specs), dense_step=calibrate_steps.dense_step,
-                           full_step=calibrate_steps.train_step_table_wise, dense_args=(args.config, tuple(rest)))
+                           full_step=calibrate_steps.train_step_table_wise, dense_args=(args.config, tuple(rest)),
+                           bf16=cfg.train.precision == "bf16" or bool(set(BF16_FLAGS) & cpu_flags()),
+                           precision=cfg.train.precision)
     print(f"calibrating on {ranks} local rank(s) with {len(specs)} tables, batch {spec.batch_per_rank} per rank ...",
           flush=True)
     rates = calibrate(spec)
@@ -145,6 +148,10 @@ def _calibrate(cfg: Config, specs, args, rest: list[str]) -> int:
     if "full" in rates["raw_seconds"]:
         print(f"whole training step {rates['raw_seconds']['full'][0] * 1e3:.1f} ms, "
               f"{rates['beyond_parts_s'] * 1e3:+.1f} ms beyond its parts measured apart")
+    if "dense_bf16_flops_per_s" in rates:
+        print(f"dense under bf16 autocast {rates['dense_bf16_flops_per_s'] / 1e9:.1f} GFLOP/s "
+              f"({rates['dense_bf16_flops_per_s'] / rates['dense_flops_per_s']:.2f}x fp32: train.precision = bf16 "
+              f"plans with it)")
     if "replica_bytes_per_s" in rates:
         print(f"replicas' gradient sync {rates['replica_bytes_per_s'] / GB:.3f} GB/s (tables replicated: "
               f"{rates['replicated_step_s'] * 1e3:.1f} ms per runtime step)")

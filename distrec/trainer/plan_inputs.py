@@ -128,7 +128,16 @@ def workload_of(cfg: Config, specs: list[TableSpec], world_size: int, batch: int
                 measured_pooling: dict[str, float] | None = None) -> Workload:
     return Workload(batch_per_rank=batch or batch_per_rank(cfg, world_size), optimizer=cfg.optimizer.sparse,
                     pooling=pooling_factors(cfg, specs, measured_pooling), reserve_bytes=cfg.planner.reserve_gb * GB,
-                    dense=dense_cost(cfg, specs))
+                    dense=dense_cost(cfg, specs), **precisions_of(cfg))
+
+
+def precisions_of(cfg: Config) -> dict[str, str]:
+    """The Workload's precisions from [plan] and train.precision (comm_precision_backward "same": the
+    forward's). The tables' storage precisions travel in their TableConfigs (``tables_of``)."""
+    p = cfg.plan
+    backward = p.comm_precision if p.comm_precision_backward == "same" else p.comm_precision_backward
+    return dict(comm_precision=p.comm_precision, comm_precision_backward=backward,
+                dense_comm_precision=p.dense_comm_precision, dense_precision=cfg.train.precision)
 
 
 def measure_pooling(cfg: Config, specs: list[TableSpec], max_rows: int = 100_000) -> dict[str, float]:

@@ -8,7 +8,8 @@ file and applied to a topology. ``sharding.calibrate`` runs the ranks that measu
 
 How each rate follows from the seconds: the all-to-all's from two buffer sizes; the lookup rate is what
 the cost model counts for the table-wise plan, less its all-to-all time, over the measured runtime;
-the dense rate from the dense step's FLOPs; what the whole training step takes beyond its parts joins
+the dense rate from the dense step's FLOPs, in fp32 and, when measured, under bf16 autocast (their
+ratio becomes ``Topology.dense_bf16_speedup``); what the whole training step takes beyond its parts joins
 the fixed cost per step, so the calibrated estimate of that step is what was measured; what is left of
 the replicated runtime's step after its lookups, all-reduces and the fixed cost is the replicas'
 gradient sync, whose rate becomes ``replica_efficiency``.
@@ -40,8 +41,8 @@ REPLICA_CHECK_MAX_BYTES = 256e6  # replicate the tables for the check only if th
 class CalibrationSpec:
     """The workload to measure with: its tables (rows, dim), per-rank batch, optimizer, ids per sample,
     the dense model's cost per sample and a factory for its step (a module-level function, so that the
-    spawned ranks can import it, called as ``dense_step(batch, *dense_args)`` in each rank and returning a
-    no-argument step), or else its Linear layers (in, out) to time alone."""
+    spawned ranks can import it, called as ``dense_step(batch, *dense_args, precision="fp32" or "bf16")``
+    in each rank and returning a no-argument step), or else its Linear layers (in, out) to time alone."""
 
     world_size: int = 2
     tables: list[tuple[int, int]] = field(default_factory=lambda: [(LOOKUP_ROWS, 16)])
@@ -52,6 +53,11 @@ class CalibrationSpec:
     dense_step: Callable | None = None
     dense_args: tuple = ()
     full_step: Callable | None = None  # called as full_step(batch, *dense_args), like dense_step
+    # The dense step is timed in fp32 and, with bf16 (where the CPU has bf16 units, or the config
+    # trains in bf16), also under bf16 autocast: dense_step(batch, *dense_args, precision="bf16").
+    # precision: what full_step runs in (train.precision), so its excess over the parts compares alike.
+    bf16: bool = False
+    precision: str = "fp32"
     dense_layers: list[tuple[int, int]] = field(default_factory=lambda: [(512, 512)])
 
     def table_configs(self) -> list[TableConfig]:
@@ -125,13 +131,17 @@ def rates_from_seconds(spec: CalibrationSpec, slowest: dict) -> dict:
     whole_runtime = min(lookup_t) <= 0
     lookup_s_per_byte, runtime_fixed = _fit(tuple(p[0] for p in points),
                                             tuple(slowest["runtime"]) if whole_runtime else lookup_t)
-    flops = [3 * spec.dense.flops_per_sample * b for b in spec.batches()]
-    dense_s_per_flop, dense_fixed = _fit(tuple(flops), tuple(slowest["dense"]))
+    dense = {key: _fit(_dense_flops(spec), tuple(slowest[key])) for key in ("dense", "dense_bf16") if key in slowest}
+    # The dense step in the precision the whole step ran in: its fixed cost and its large-batch point.
+    key = "dense_bf16" if spec.precision == "bf16" and "dense_bf16" in dense else "dense"
+    dense_fixed = dense[key][1]
     # The whole step's time beyond its parts (both fits go through the parts' large-batch points).
-    beyond = slowest["full"][0] - slowest["runtime"][1] - slowest["dense"][1] if "full" in slowest else 0.0
-    rates = {"lookup_bytes_per_s": 1 / lookup_s_per_byte, "dense_flops_per_s": 1 / dense_s_per_flop,
+    beyond = slowest["full"][0] - slowest["runtime"][1] - slowest[key][1] if "full" in slowest else 0.0
+    rates = {"lookup_bytes_per_s": 1 / lookup_s_per_byte, "dense_flops_per_s": 1 / dense["dense"][0],
              "step_overhead_s": max(runtime_fixed + dense_fixed + beyond, 0.0), "beyond_parts_s": beyond,
              "spec": spec.record(), "raw_seconds": slowest}
+    if "dense_bf16" in dense:
+        rates["dense_bf16_flops_per_s"] = 1 / dense["dense_bf16"][0]
     if whole_runtime:
         rates["note"] = "the all-to-all rate predicted more than the runtime took; lookup rate from the whole runtime"
     if a2a_s_per_byte:
@@ -139,6 +149,11 @@ def rates_from_seconds(spec: CalibrationSpec, slowest: dict) -> dict:
     if "replicated" in slowest:
         rates.update(_replica_rate(spec, topo, slowest["replicated"][0], lookup_s_per_byte, runtime_fixed))
     return rates
+
+
+def _dense_flops(spec: CalibrationSpec) -> tuple[float, ...]:
+    """FLOPs of the dense step at each measured batch: forward + backward (2x forward)."""
+    return tuple(3 * spec.dense.flops_per_sample * b for b in spec.batches())
 
 
 def _replica_rate(spec: CalibrationSpec, topo: Topology, measured: float, lookup_s_per_byte: float,
@@ -196,6 +211,8 @@ def apply_calibration(topo: Topology, rates: dict, where: str) -> Topology:
                      collective_latency_s=rates["collective_latency_s"])
     if "replica_bytes_per_s" in rates:  # measured when the tables were small enough to replicate
         links["replica_efficiency"] = rates["replica_bytes_per_s"] / topo.hbm_bw_bytes_per_s
+    if "dense_bf16_flops_per_s" in rates:  # measured in bf16 too: emulated bf16 gives a speedup below 1
+        links["dense_bf16_speedup"] = rates["dense_bf16_flops_per_s"] / rates["dense_flops_per_s"]
     return topo.with_(
         lookup_efficiency=rates["lookup_bytes_per_s"] / topo.hbm_bw_bytes_per_s,
         dense_efficiency=rates["dense_flops_per_s"] / topo.dense_flops_per_s,

@@ -32,6 +32,7 @@ def enumerate_options(t: TableConfig, topo: Topology, constraints: TableConstrai
     when none is left."""
     ranks = _candidate_ranks(t, topo, constraints)
     allowed = set(constraints.allowed) if constraints.allowed is not None else None
+    # fp32 bytes whatever the storage: what the limit bounds is a replica's all-reduce, fp32 (estimate)
     small = t.num_rows * t.dim * FP32_BYTES <= dp_max_bytes
 
     def ok(kind: ShardingType) -> bool:

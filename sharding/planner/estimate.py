@@ -1,23 +1,29 @@
 """The cost model: bytes and seconds of one shard on its rank, summed per rank.
 
     cost = piece_cost(TableConfig("C1", 1000, 16), Shard(None, 0, 500, 0, 16), ShardingType.ROW_WISE, work, topo)
-    cost.weights             # 500 rows x 16 columns x 4 bytes = 32000.0
+    cost.weights             # 500 rows x 16 columns x 4 bytes = 32000.0 (fp32; 2 bytes each in fp16 or bf16)
     ranks = estimate_plan(plan, tables, topo, work)      # [RankCost] for any ShardingPlan
 
 What is counted is what ``sharding.runtime`` and ``sharding.optim`` do on a rank, per step:
 
-- memory: fp32 weights; optimizer state per ``sharding.optim.state_names`` (adagrad: like the weights,
-  rowwise_adagrad: one fp32 per row, adam: two like the weights and a scalar, sgd: none); the lookup's
-  temporaries (sparse gradient rows with int64 indices, copies of touched rows in the optimizer); the
-  all-to-all buffers (ids and lengths in, pooled rows out, their gradients in; an all-reduce buffer of
-  rows x (width + 1) for a replicated table); the configured reserve for the dense model.
-- time: lookup forward (read each looked-up row, write each pooled bag) and backward (read the pooled
-  gradient, write a sparse gradient row per id, read and write each touched row and its state), at
-  ``hbm_bw x lookup_efficiency``; each all-to-all takes max(bytes the rank sends, bytes it receives)
-  x the share that leaves the rank, at the intra- or inter-node link rate, whichever is slower;
-  replicated tables and the dense model all-reduce their gradients (ring: 2 (W-1)/W of the bytes).
-  A plan with the two-level exchange pays the difference ``sharding.planner.exchange`` finds between
-  its pooled-row bytes within and between nodes and the flat exchange's, in each direction.
+- memory: weights in the table's storage precision (``TableConfig.precision``: 4 bytes fp32, 2 fp16
+  or bf16); optimizer state, always fp32, per ``sharding.optim.state_names`` (adagrad: like the
+  weights, rowwise_adagrad: one fp32 per row, adam: two like the weights and a scalar, sgd: none); the
+  lookup's temporaries, fp32 (sparse gradient rows with int64 indices, copies of touched rows in the
+  optimizer, which updates in fp32); the all-to-all buffers, fp32 (ids and lengths in, pooled rows
+  out, their gradients in: kernels pool in fp32 and the half copies on the wire are transient; an
+  all-reduce buffer of rows x (width + 1) fp32 for a replicated table); the reserve for the dense model.
+- time: lookup forward (read each looked-up row in its storage precision, write each pooled bag in
+  fp32) and backward (read the fp32 pooled gradient, write an fp32 sparse gradient row per id, read
+  and write each touched row in storage precision and its fp32 state), at ``hbm_bw x
+  lookup_efficiency``; each all-to-all takes max(bytes the rank sends, bytes it receives) x the share
+  that leaves the rank, at the intra- or inter-node link rate, whichever is slower: ids and lengths as
+  int64, pooled rows in ``Workload.comm_precision``, their gradients in ``comm_precision_backward``;
+  replicated tables (fp32) and the dense model (``dense_comm_precision``) all-reduce their gradients
+  (ring: 2 (W-1)/W of the bytes); the dense matmuls run at the fp32 rate, or with ``dense_precision``
+  bf16 at ``Topology.dense_bf16_speedup`` times it. A plan with the two-level exchange pays the
+  difference ``sharding.planner.exchange`` finds between its pooled-row bytes within and between
+  nodes and the flat exchange's, in each direction (each in its direction's precision).
 
 Ids are assumed spread evenly over a table's rows (``distrec data synth`` scatters popular ids over
 the id space, and hashed ids are), so a row-wise shard of r rows out of R serves r/R of the ids.
@@ -33,9 +39,12 @@ import numpy as np
 from sharding.planner.exchange import two_level_delta
 from sharding.planner.types import DenseCost, MemoryCost, RankCost, ShardOption, TimeCost, Topology, Workload
 from sharding.sharding_types import ROWS, RULES
-from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig, state_names
+from sharding.types import BYTES_PER_ELEMENT, Shard, ShardingPlan, ShardingType, TableConfig, state_names
 
-FP32_BYTES = 4  # weights, optimizer state, pooled rows and their gradients are fp32 in the runtime
+# What stays fp32 whatever the precisions (sharding.types.TableConfig.precision, sharding/optim.py,
+# sharding/kernels): optimizer state, the kernels' pooled sums and the gradients of the weights (both
+# computed in fp32), the optimizer's workspace, the replicas' gradient all-reduce, the dense weights.
+FP32_BYTES = 4
 ID_BYTES = 8  # ids and bag lengths travel as int64 (sharding/runtime.py, start_input_dist)
 SPARSE_GRAD_INDEX_BYTES = 8  # int64 row index per id of a sparse COO gradient (embedding_bag sparse=True)
 # Copies of each touched row the fused optimizer makes: coalesced gradient, gathered state, update
@@ -78,6 +87,16 @@ class PieceCost(NamedTuple):
         return self.weights + self.optimizer + self.workspace + self.buffers
 
 
+def weight_bytes(t: TableConfig) -> int:
+    """Bytes of one stored weight of ``t``: 4 in fp32, 2 in fp16 or bf16 (``BYTES_PER_ELEMENT``)."""
+    return BYTES_PER_ELEMENT[t.precision]
+
+
+def table_bytes(t: TableConfig, optimizer: str) -> float:
+    """Weights (storage precision) and optimizer state (fp32) of the whole table."""
+    return t.num_rows * t.dim * weight_bytes(t) + optimizer_bytes(optimizer, t.num_rows, t.dim)
+
+
 def state_bytes_per_row(optimizer: str, width: int) -> int:
     """Bytes of optimizer state per row of a shard ``width`` columns wide (scalars left out)."""
     per_rule = {"row_col": width * FP32_BYTES, "row": FP32_BYTES, "scalar": 0}
@@ -107,11 +126,11 @@ def touched_rows(t: TableConfig, p: Shard, kind: ShardingType, work: Workload, w
 def lookup_bytes(t: TableConfig, p: Shard, kind: ShardingType, work: Workload, world: int) -> tuple[float, float]:
     """(forward, backward) bytes a shard's lookup and fused update move per step."""
     ids, bags = ids_and_bags(t, p, kind, work, world)
-    row = p.width * FP32_BYTES
+    stored, pooled = p.width * weight_bytes(t), p.width * FP32_BYTES  # a row as stored; an fp32 sum or gradient
     touched = touched_rows(t, p, kind, work, world)
-    forward = (ids + bags) * row
-    backward = bags * row + ids * (row + SPARSE_GRAD_INDEX_BYTES) \
-        + touched * 2 * (row + state_bytes_per_row(work.optimizer, p.width))
+    forward = ids * stored + bags * pooled
+    backward = bags * pooled + ids * (pooled + SPARSE_GRAD_INDEX_BYTES) \
+        + touched * 2 * (stored + state_bytes_per_row(work.optimizer, p.width))
     return forward, backward
 
 
@@ -126,21 +145,26 @@ def piece_cost(t: TableConfig, p: Shard, kind: ShardingType, work: Workload, top
     """What one shard costs its rank per step."""
     world = topo.world_size
     ids, bags = ids_and_bags(t, p, kind, work, world)
-    row = p.width * FP32_BYTES
+    row = p.width * FP32_BYTES  # fp32: pooled sums, gradient rows, the optimizer's copies
     touched = touched_rows(t, p, kind, work, world)
     forward, backward = lookup_bytes(t, p, kind, work, world)
     lookup_rate = topo.hbm_bw_bytes_per_s * topo.lookup_efficiency
-    held = dict(weights=float(p.num_rows * row), optimizer=float(optimizer_bytes(work.optimizer, p.num_rows, p.width)),
+    held = dict(weights=float(p.num_rows * p.width * weight_bytes(t)),
+                optimizer=float(optimizer_bytes(work.optimizer, p.num_rows, p.width)),
                 workspace=ids * (row + SPARSE_GRAD_INDEX_BYTES) + touched * row * TOUCHED_ROW_COPIES,
                 lookup_fwd_s=forward / lookup_rate)
     if RULES[kind].replicated:
-        reduced = p.num_rows * (p.width + 1) * FP32_BYTES  # sync_replica_grads: rows x (width + touched flag)
+        # sync_replica_grads: rows x (width + touched flag), fp32 whatever the storage: the gradient is
+        # fp32 (the buffer takes the weight's dtype there, so a half replica must keep an fp32 buffer).
+        reduced = p.num_rows * (p.width + 1) * FP32_BYTES
         return PieceCost(**held, buffers=reduced + 2 * bags * row,
                          lookup_bwd_s=backward / lookup_rate + replica_sync_bytes(t, p, work) / topo.replica_bytes_per_s,
                          allreduce_s=allreduce_seconds(reduced, topo, latency=False))  # one per width: RankModel
-    ids_in, pooled = (ids + bags) * ID_BYTES, bags * row
-    return PieceCost(**held, buffers=ids_in + 2 * pooled, lookup_bwd_s=backward / lookup_rate,
-                     ids_in=ids_in, pooled_out=pooled, grads_in=pooled)
+    ids_in = (ids + bags) * ID_BYTES
+    # Held in fp32 (pooled sums out, gradients in); on the wire in each direction's precision.
+    return PieceCost(**held, buffers=ids_in + 2 * bags * row, lookup_bwd_s=backward / lookup_rate, ids_in=ids_in,
+                     pooled_out=bags * p.width * work.comm_bytes_forward,
+                     grads_in=bags * p.width * work.comm_bytes_backward)
 
 
 def alltoall_seconds_per_byte(topo: Topology) -> float:
@@ -163,32 +187,36 @@ def allreduce_seconds(nbytes: float, topo: Topology, latency: bool = True) -> fl
 
 def requester_bytes(t: TableConfig, option: ShardOption, work: Workload) -> tuple[float, float, float]:
     """What every rank sends and receives for its own samples of a table: (ids and lengths out, pooled
-    rows in, pooled gradients out), the other side of the owners' ``PieceCost`` bytes."""
+    rows in, pooled gradients out), on the wire: the other side of the owners' ``PieceCost`` bytes."""
     rule = RULES[option.kind]
     if rule.replicated:
         return 0.0, 0.0, 0.0
     b, pf, n = work.batch_per_rank, work.pooling_factor(t.name), len(option.shards)
     ids = b * (pf * rule.id_copies(n) + n) * ID_BYTES  # and one length per shard and sample
     widths = n * t.dim if rule.axis == ROWS else sum(p.width for p in option.shards)  # a row shard is whole-width
-    pooled = b * widths * FP32_BYTES
-    return ids, pooled, pooled
+    return ids, b * widths * work.comm_bytes_forward, b * widths * work.comm_bytes_backward
 
 
-def own_sample_buffers(requester: tuple[float, float, float]) -> float:
+def own_sample_buffers(requester: tuple[float, float, float], work: Workload) -> float:
     """Bytes every rank holds for its own samples from ``requester_bytes`` (summed over tables): ids and
-    lengths out (twice: the routed copy), pooled rows in and their gradients out."""
+    lengths out (twice: the routed copy), pooled rows in and their gradients out, in fp32 (the model
+    takes the pooled rows in fp32 and its gradients are fp32: the half copies are transient)."""
     ids, pooled, grads = requester
-    return 2 * ids + pooled + grads
+    return 2 * ids + (pooled / work.comm_bytes_forward + grads / work.comm_bytes_backward) * FP32_BYTES
 
 
 def dense_seconds(dense: DenseCost | None, work: Workload, topo: Topology) -> float:
-    """MLP forward + backward (2x forward) FLOPs, the optimizer's pass over the weights, DDP's all-reduce."""
+    """MLP forward + backward (2x forward) FLOPs, the optimizer's pass over the (fp32) weights, DDP's
+    all-reduce of the gradients in ``work.dense_comm_precision``."""
     if dense is None:
         return 0.0
-    compute = 3 * dense.flops_per_sample * work.batch_per_rank / (topo.dense_flops_per_s * topo.dense_efficiency)
+    rate = topo.dense_flops_per_s * topo.dense_efficiency
+    if work.dense_precision == "bf16":  # autocast: the matmuls in bf16, the weights and optimizer in fp32
+        rate *= topo.dense_bf16_speedup
+    compute = 3 * dense.flops_per_sample * work.batch_per_rank / rate
     update = dense.params * FP32_BYTES * 2 * (DENSE_UPDATE_TENSORS + dense.optimizer_state_per_param)
     update /= topo.hbm_bw_bytes_per_s * topo.lookup_efficiency
-    return compute + update + allreduce_seconds(dense.params * FP32_BYTES, topo)
+    return compute + update + allreduce_seconds(dense.params * work.dense_comm_bytes, topo)
 
 
 class RankModel:
@@ -206,7 +234,7 @@ class RankModel:
         self.replica_latency = replica_widths * topo.collective_latency_s if topo.world_size > 1 else 0.0
         self.dense = dense_seconds(work.dense, work, topo)
         self.other = ids_per_rank * ROUTE_BYTES_PER_ID / lookup_rate + topo.step_overhead_s
-        self.uniform_buffers = own_sample_buffers(requester)
+        self.uniform_buffers = own_sample_buffers(requester, work)
 
     def time(self, v: PieceCost) -> TimeCost:
         s, (ids, out, grad) = self.s_per_byte, self.requester
@@ -268,6 +296,6 @@ def estimate_plan(plan: ShardingPlan, tables: list[TableConfig], topo: Topology,
     model = rank_model(chosen, topo, work)
     times = [model.time(PieceCost(*map(float, v))) for v in sums]
     if plan.exchange == "two_level":  # the pooled rows and their gradients go within the node first
-        times = [dataclasses.replace(t, comm_fwd=t.comm_fwd + d, comm_bwd=t.comm_bwd + d)
-                 for t, d in zip(times, two_level_delta(plan, topo, work))]
+        times = [dataclasses.replace(t, comm_fwd=t.comm_fwd + fwd, comm_bwd=t.comm_bwd + bwd)
+                 for t, (fwd, bwd) in zip(times, two_level_delta(plan, topo, work))]
     return [RankCost(r, model.memory(PieceCost(*map(float, v))), t) for r, (v, t) in enumerate(zip(sums, times))]

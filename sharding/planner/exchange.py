@@ -18,6 +18,8 @@ A table_row_wise table of dim D on one node of G ranks sends (W-G) b D per rank 
 (N-1) b D two-level: G times fewer. The flat exchange uses both links at once (the slower one
 counts); the two-level one runs its two all-to-alls one after the other (their times add up) and
 pays one more collective latency per direction. The ids go flat in both (``sharding.two_level``).
+Bytes are the table's columns times the bytes of one value in that direction's precision
+(``Workload.comm_bytes_forward`` for the pooled rows, ``comm_bytes_backward`` for their gradients).
 ``estimate_plan`` prices a two-level plan as the flat one plus ``two_level_delta``; the planner
 (``planner.with_best_exchange``) keeps it where that lowers the step time.
 """
@@ -30,8 +32,8 @@ from sharding.planner.types import Topology, Workload
 from sharding.sharding_types import RULES
 from sharding.types import ShardingPlan, ShardingType
 
-# Pooled rows and their gradients are fp32 (sharding/runtime.py), as estimate.FP32_BYTES; defined here
-# because estimate imports this module.
+# The default bytes per value on the wire: fp32, the runtime's pooled rows and gradients without
+# plan.comm_precision (as estimate.FP32_BYTES; defined here because estimate imports this module).
 FP32_BYTES = 4
 
 # Two-level is taken only when it lowers the estimated step time by this fraction: smaller gains are
@@ -60,11 +62,13 @@ def rank_widths(plan: ShardingPlan) -> tuple[list[int], list[set[tuple[str, int,
     return widths, pieces
 
 
-def output_bytes(plan: ShardingPlan, topo: Topology, work: Workload, exchange: str) -> list[Link]:
-    """Per rank, the pooled-row bytes of the output exchange (the module's table, times fp32)."""
+def output_bytes(plan: ShardingPlan, topo: Topology, work: Workload, exchange: str,
+                 value_bytes: int = FP32_BYTES) -> list[Link]:
+    """Per rank, the pooled-row bytes of the output exchange (the module's table, times ``value_bytes``,
+    the bytes of one value in the direction's precision)."""
     g, nodes, world = topo.ranks_per_node, topo.nodes, topo.world_size
     widths, pieces = rank_widths(plan)
-    row = work.batch_per_rank * FP32_BYTES  # bytes of one column of one rank's samples
+    row = work.batch_per_rank * value_bytes  # bytes of one column of one rank's samples
     node_w = [sum(w for _, _, w in set().union(*pieces[n * g:(n + 1) * g])) for n in range(nodes)]
     out = []
     for r in range(world):
@@ -79,12 +83,13 @@ def output_bytes(plan: ShardingPlan, topo: Topology, work: Workload, exchange: s
     return out
 
 
-def output_seconds(plan: ShardingPlan, topo: Topology, work: Workload, exchange: str) -> list[float]:
+def output_seconds(plan: ShardingPlan, topo: Topology, work: Workload, exchange: str,
+                   value_bytes: int = FP32_BYTES) -> list[float]:
     """Per rank, seconds of one direction of the output exchange (forward rows or backward gradients:
-    the same bytes reversed), latency included."""
+    the same columns reversed, ``value_bytes`` each), latency included."""
     eff = topo.comm_efficiency
     out = []
-    for link in output_bytes(plan, topo, work, exchange):
+    for link in output_bytes(plan, topo, work, exchange, value_bytes):
         intra = max(link.intra_out, link.intra_in) / (topo.intra_node_bw_bytes_per_s * eff)
         inter = max(link.inter_out, link.inter_in) / (topo.inter_node_bw_bytes_per_s * eff)
         if exchange == "flat":
@@ -94,10 +99,14 @@ def output_seconds(plan: ShardingPlan, topo: Topology, work: Workload, exchange:
     return out
 
 
-def two_level_delta(plan: ShardingPlan, topo: Topology, work: Workload) -> list[float]:
-    """Per rank, what the two-level exchange adds (negative: saves) to each direction's seconds."""
-    flat = output_seconds(plan, topo, work, "flat")
-    return [t - f for t, f in zip(output_seconds(plan, topo, work, "two_level"), flat)]
+def two_level_delta(plan: ShardingPlan, topo: Topology, work: Workload) -> list[tuple[float, float]]:
+    """Per rank, what the two-level exchange adds (negative: saves) to the (forward, backward) seconds,
+    each direction in its precision."""
+    per_direction = []
+    for value_bytes in (work.comm_bytes_forward, work.comm_bytes_backward):
+        flat = output_seconds(plan, topo, work, "flat", value_bytes)
+        per_direction.append([t - f for t, f in zip(output_seconds(plan, topo, work, "two_level", value_bytes), flat)])
+    return list(zip(*per_direction))
 
 
 def with_exchange(plan: ShardingPlan, topo: Topology, exchange: str) -> ShardingPlan:

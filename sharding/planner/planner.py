@@ -18,15 +18,15 @@ import time
 
 from sharding.plan import check_tables, validate_plan
 from sharding.planner.enumerators import enumerate_options
-from sharding.planner.estimate import FP32_BYTES, estimate_plan, optimizer_bytes, own_sample_buffers, requester_bytes
+from sharding.planner.estimate import estimate_plan, own_sample_buffers, requester_bytes, table_bytes
 from sharding.planner.exchange import EXCHANGE_MARGIN, with_exchange
 from sharding.planner.partition import Search
 from sharding.planner.report import explain, infeasible_message
 from sharding.planner.types import GB, InfeasiblePlanError, PlannerError, PlanResult, TableConstraints, Topology, Workload
 from sharding.sharding_types import RULES
-from sharding.types import OPTIMIZERS, ShardingPlan, TableConfig, TablePlan
+from sharding.types import OPTIMIZERS, PRECISIONS, ShardingPlan, TableConfig, TablePlan
 
-# Tables up to this size (fp32 weights) may be replicated when the config does not say otherwise:
+# Tables up to this size (fp32 weights, whatever their storage: a replica's gradient all-reduce is fp32) may be replicated when the config does not say otherwise:
 # a replica costs memory on every rank and an all-reduce of the whole table per step.
 DEFAULT_DP_MAX_BYTES = 64e6
 MAX_SUGGESTION_TRIES = 12  # plans tried while looking for the smallest topology that fits
@@ -86,6 +86,16 @@ def _check_inputs(tables: list[TableConfig], work: Workload, constraints: dict[s
     bad = sorted(name for name, pf in work.pooling.items() if not pf > 0)
     if bad:
         raise PlannerError(f"pooling factor of table(s) {', '.join(bad)} must be > 0")
+    _check_precisions(tables, work)
+
+
+def _check_precisions(tables: list[TableConfig], work: Workload) -> None:
+    named = [(f"table {t.name}", t.precision) for t in tables] + [
+        (f"workload {k}", getattr(work, k)) for k in ("comm_precision", "comm_precision_backward",
+                                                      "dense_comm_precision", "dense_precision")]
+    bad = [(what, p) for what, p in named if p not in PRECISIONS]
+    if bad:
+        raise PlannerError(f"{bad[0][0]}: precision {bad[0][1]!r} is not one of {', '.join(PRECISIONS)}")
 
 
 def _to_plan(search: Search) -> ShardingPlan:
@@ -113,7 +123,7 @@ def with_best_exchange(plan: ShardingPlan, tables: list[TableConfig], topo: Topo
 # ---- when nothing fits ---------------------------------------------------------------------------
 
 def _table_bytes(t: TableConfig, work: Workload) -> float:
-    return t.num_rows * t.dim * FP32_BYTES + optimizer_bytes(work.optimizer, t.num_rows, t.dim)
+    return table_bytes(t, work.optimizer)
 
 
 def _infeasible(search: Search, constraints, dp_max_bytes: float, suggest: bool) -> InfeasiblePlanError:
@@ -194,7 +204,7 @@ def _floor_per_rank(search: Search) -> float:
     floor = 0.0
     for ti, (t, options) in enumerate(zip(search.tables, search.options)):
         floor += min(search.max_piece_mem(ti, oi) if RULES[option.kind].replicated
-                     else own_sample_buffers(requester_bytes(t, option, search.work))
+                     else own_sample_buffers(requester_bytes(t, option, search.work), search.work)
                      for oi, option in enumerate(options))
     return floor
 

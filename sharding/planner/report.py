@@ -7,18 +7,13 @@ nothing fits; what-if comparisons side by side.
 from __future__ import annotations
 
 from sharding.types import rank_list
-from sharding.planner.estimate import FP32_BYTES, estimate_plan, optimizer_bytes
+from sharding.planner.estimate import estimate_plan, table_bytes
 from sharding.planner.exchange import with_exchange
-from sharding.planner.types import GB, PlannerError, PlanResult, TableDecision, human_bytes
+from sharding.planner.types import GB, PlannerError, PlanResult, TableDecision, Workload, human_bytes
 from sharding.types import ShardingType, TableConfig
 
 
 size = human_bytes
-
-
-def table_bytes(t: TableConfig, optimizer: str) -> float:
-    """Weights and optimizer state of the whole table."""
-    return t.num_rows * t.dim * FP32_BYTES + optimizer_bytes(optimizer, t.num_rows, t.dim)
 
 
 # ---- why ----------------------------------------------------------------------------------------
@@ -73,13 +68,14 @@ def _columns(rows: list[tuple[str, ...]], right: set[int]) -> str:
 
 
 def format_tables(result: PlanResult, tables: list[TableConfig]) -> str:
-    rows = [("table", "rows", "dim", "ids/sample", "size", "type", "ranks", "why", "best rejected alternative")]
+    rows = [("table", "rows", "dim", "ids/sample", "size", "stored", "type", "ranks", "why", "best rejected alternative")]
     for t in tables:
         d = result.decisions[t.name]
         ranks = sorted({s.rank for s in result.plan.tables[t.name].shards})
         alt = f"{d.alternative}: {d.alternative_cost}" if d.alternative else d.alternative_cost
         rows.append((t.name, f"{t.num_rows:,}", str(t.dim), f"{result.workload.pooling_factor(t.name):g}",
-                     size(table_bytes(t, result.workload.optimizer)), d.option.label, rank_list(ranks), d.reason, alt))
+                     size(table_bytes(t, result.workload.optimizer)), t.precision, d.option.label, rank_list(ranks),
+                     d.reason, alt))
     return _columns(rows, right={1, 2, 3, 4})
 
 
@@ -132,7 +128,13 @@ def format_header(result: PlanResult) -> str:
             f"{topo.hbm_bw_bytes_per_s / GB:,.0f} GB/s memory, {topo.intra_node_bw_bytes_per_s / GB:,.1f} GB/s "
             f"intra-node, {topo.inter_node_bw_bytes_per_s / GB:,.2f} GB/s inter-node per rank{calibrated}); "
             f"batch {work.batch_per_rank:,} per rank; sparse optimizer {work.optimizer}; "
-            f"reserve {size(work.reserve_bytes)} per rank")
+            f"reserve {size(work.reserve_bytes)} per rank; {format_precisions(work)}")
+
+
+def format_precisions(work: Workload) -> str:
+    """The exchanges' and the dense part's precisions (the tables' storage is in their rows)."""
+    return (f"pooled all-to-all {work.comm_precision} forward, {work.comm_precision_backward} backward; "
+            f"dense all-reduce {work.dense_comm_precision}, dense matmuls {work.dense_precision}")
 
 
 def format_result(result: PlanResult, tables: list[TableConfig]) -> str:

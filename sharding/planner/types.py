@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from sharding.types import PlanError, Shard, ShardingPlan, ShardingType
+from sharding.types import BYTES_PER_ELEMENT, PlanError, Shard, ShardingPlan, ShardingType
 
 GB = 1e9  # bytes; GPU memory is quoted in these units by the vendors' datasheets
 
@@ -55,6 +55,9 @@ class Topology:
     collective_latency_s: float  # fixed cost of one collective call
     step_overhead_s: float  # fixed cost per step and rank outside the terms above (launches, Python)
     replica_efficiency: float = 0.0  # like lookup_efficiency, for replicas' gradient sync; 0: the same
+    # The dense part's rate under bf16 autocast over its fp32 rate: 1.0 (no gain assumed) unless
+    # calibrated (``distrec plan --calibrate`` times the dense step in bf16 where the CPU has bf16 units).
+    dense_bf16_speedup: float = 1.0
     name: str = "custom"
     calibrated: str = ""  # where measured rates came from, if any
 
@@ -65,7 +68,7 @@ class Topology:
             raise PlannerError(f"{self.world_size} ranks do not split evenly over {self.nodes} nodes")
         for name in ("hbm_bytes", "hbm_bw_bytes_per_s", "intra_node_bw_bytes_per_s",
                      "inter_node_bw_bytes_per_s", "dense_flops_per_s", "lookup_efficiency",
-                     "comm_efficiency", "dense_efficiency"):
+                     "comm_efficiency", "dense_efficiency", "dense_bf16_speedup"):
             if not getattr(self, name) > 0:
                 raise PlannerError(f"topology {self.name}: {name} must be > 0, got {getattr(self, name)}")
 
@@ -97,16 +100,36 @@ class DenseCost:
 @dataclass(frozen=True)
 class Workload:
     """What runs beside the tables: the per-rank batch, the sparse optimizer (``sharding.optim`` kinds),
-    mean ids per sample per table (default 1.0), the memory kept back for the dense model."""
+    mean ids per sample per table (default 1.0), the memory kept back for the dense model, and the
+    precisions (``sharding.types.PRECISIONS``) of the exchanges and the dense part."""
 
     batch_per_rank: int
     optimizer: str = "adagrad"
     pooling: dict[str, float] = field(default_factory=dict)
     reserve_bytes: float = 1 * GB
     dense: DenseCost | None = None
+    comm_precision: str = "fp32"  # the pooled rows of the output all-to-all (forward)
+    comm_precision_backward: str = "fp32"  # their gradients (backward)
+    dense_comm_precision: str = "fp32"  # the dense gradients' all-reduce: fp32 | bf16
+    dense_precision: str = "fp32"  # the dense matmuls (train.precision): fp32 | bf16
 
     def pooling_factor(self, table: str) -> float:
         return self.pooling.get(table, 1.0)
+
+    @property
+    def comm_bytes_forward(self) -> int:
+        """Bytes of one pooled value on the wire, forward (4 in fp32, 2 in fp16 or bf16)."""
+        return BYTES_PER_ELEMENT[self.comm_precision]
+
+    @property
+    def comm_bytes_backward(self) -> int:
+        """Bytes of one pooled gradient value on the wire, backward."""
+        return BYTES_PER_ELEMENT[self.comm_precision_backward]
+
+    @property
+    def dense_comm_bytes(self) -> int:
+        """Bytes of one dense gradient in the all-reduce."""
+        return BYTES_PER_ELEMENT[self.dense_comm_precision]
 
 
 @dataclass(frozen=True)

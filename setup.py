@@ -7,7 +7,8 @@ The extension is optional: without torch in the build environment (build isolati
 compiler fails, the install goes on without it, and the runtime falls back to another kernel and says why
 (``distrec doctor`` too). Flags: -O3 and OpenMP (through at::parallel_for); never -march=native, since a
 venv or image may move between AMD and Intel machines: AVX2 + FMA on x86-64 only, which both have had
-since 2013-2015. -ffp-contract=off keeps a multiply and an add two roundings, as the reference's are.
+since 2013-2015, and F16C (older still: c10::Half then converts fp16 weights in one instruction).
+-ffp-contract=off keeps a multiply and an add two roundings, as the reference's are.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def extensions() -> tuple[list, dict]:
         return [], {}
     flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if platform.machine() in ("x86_64", "AMD64"):
-        flags += ["-mavx2", "-mfma"]
+        flags += ["-mavx2", "-mfma", "-mf16c"]
     ext = CppExtension("sharding.kernels._cpu_tbe", ["sharding/kernels/csrc/cpu_tbe.cpp"],
                        extra_compile_args=flags, extra_link_args=["-fopenmp"], optional=True)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}

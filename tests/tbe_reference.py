@@ -225,13 +225,13 @@ def check_sharded_collection_matches_torch_kernel(kernel: str, kind: str) -> Non
 
 
 def check_half_storage_rounds_like_the_reference(make_tbe, dtype: torch.dtype, kind: str, stochastic: bool,
-                                                 weighted: bool = True, steps: int = 3) -> None:
+                                                 weighted: bool = True, steps: int = 3, **batch_args) -> None:
     """A ``dtype`` kernel against the same kernel in fp32 started from the same (half) weights and state,
     ``steps`` steps: each step, the half kernel's rows must be exactly ``round_to`` of the fp32 kernel's
     (``sharding.rounding``; salt = the step), its untouched rows unchanged and its fp32 state the fp32
     kernel's exactly; then the fp32 kernel takes the half weights again. ``make_tbe(dtype,
-    stochastic_rounding)`` builds the kernel under test. Exact, not within a tolerance: both run the same
-    fp32 arithmetic on the same values and only the final store differs."""
+    stochastic_rounding)`` builds the kernel under test (for ``make_batch(**batch_args)``'s shapes). Exact, not
+    within a tolerance: both run the same fp32 arithmetic on the same values and only the final store differs."""
     from sharding.rounding import round_to
 
     half, full = make_tbe(dtype, stochastic), make_tbe(torch.float32, stochastic)
@@ -241,7 +241,7 @@ def check_half_storage_rounds_like_the_reference(make_tbe, dtype: torch.dtype, k
             for w32, w16 in zip(full.table_weights(), half.table_weights()):
                 w32.copy_(w16.float())
         before = [w.clone() for w in half.table_weights()]
-        batch = make_batch(seed=40 + step, weighted=weighted)
+        batch = make_batch(seed=40 + step, weighted=weighted, **batch_args)
         out16, out32 = train_step(half, *batch), train_step(full, *batch)
         assert out16.dtype == torch.float32
         assert torch.equal(out16, out32), f"{dtype} step {step}: forward pools the stored values in fp32"

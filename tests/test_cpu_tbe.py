@@ -15,10 +15,12 @@ from sharding.kernels import cpu_tbe
 from sharding.kernels.cpu_tbe import CpuTBE
 from sharding.lookup import choose_kernel
 from sharding.optim import KINDS, OptimSpec, state_names
+from sharding.rounding import round_to
 from tests.conftest import run_cli
 from tests.tbe_reference import (BATCH, MAX_BAG, OPTIM, SHAPES, Reference, assert_same_states,
-                                 assert_same_tables, check_sharded_collection_matches_torch_kernel, make_batch,
-                                 train_step, train_three_steps_against,
+                                 assert_same_tables, check_half_storage_rounds_like_the_reference,
+                                 check_sharded_collection_matches_torch_kernel, check_sub_ulp_updates_survive,
+                                 make_batch, train_step, train_three_steps_against,
                                  train_with_l2_and_a_changed_lr_against)
 from tests.tolerance import assert_within
 
@@ -28,6 +30,9 @@ from tests.tolerance import assert_within
 BIG_SHAPES = [(100_000, 16), (50, 3), (3_000, 5)]
 BIG_BATCH, BIG_MAX_BAG = 600, 8
 BIG_N_STEP = BIG_BATCH * BIG_MAX_BAG + 4  # as tbe_reference's N_STEP: a row's gradient terms + the update's ops
+HALF = [torch.float16, torch.bfloat16]
+HALF_IDS = ["fp16", "bf16"]
+ROUNDING_IDS = ["nearest", "stochastic"]
 
 
 @pytest.fixture(autouse=True)
@@ -211,3 +216,76 @@ def test_benchmark_runs_and_prints_a_row_per_config():
     assert len(rows) == 15, result.stdout
     assert re.search(r"^\| 64 \| 1e\+06 \| 1 \| uniform \| rowwise_adagrad \| skipped: needs", result.stdout, re.M)
     assert re.search(r"measured memory bandwidth \(copy\): [0-9.]+ GB/s", result.stdout)
+
+
+def half_maker(kind: str = "sgd", l2: float = 0.0, shapes=SHAPES):
+    """The ``make_tbe`` of tbe_reference's half checks: a CpuTBE of (dtype, stochastic_rounding[, shapes, optim])."""
+    def make(dtype, stochastic, shapes=shapes, optim=OptimSpec(kind, l2=l2, **OPTIM)):
+        return CpuTBE(shapes, optim, dtype=dtype, stochastic_rounding=stochastic)
+    return make
+
+
+def rounding_edge_cases() -> torch.Tensor:
+    """Zeros, signs, fp16's overflow edge (65504 is its largest, 65520 rounds to infinity), fp16 and fp32
+    subnormals, bf16's range ends, non-finite values, then random values over 2^-40..2^40."""
+    edges = [0.0, -0.0, 1.0, -1.0, 1 / 3, -2 / 3, 65504.0, 65519.0, 65520.0, -65520.0, 7e4, 6.1035156e-05,
+             6.09e-05, -3e-6, 6e-8, 2.9e-8, -1e-7, 1e-40, -1e-40, 1e-45, 3.38e38, -3.4028235e38, 1.0 + 2**-9,
+             1.0 + 2**-12, float("inf"), -float("inf"), float("nan")]
+    gen = torch.Generator().manual_seed(3)
+    spread = torch.randn(4000, generator=gen) * torch.exp2(torch.randint(-40, 40, (4000,), generator=gen).float())
+    return torch.cat([torch.tensor(edges), spread])
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=ROUNDING_IDS)
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_the_kernels_rounding_is_round_to_bit_for_bit(dtype, stochastic):
+    """The C++ rounding the update stores with, against sharding.rounding.round_to, on several salts. NaN
+    bits excepted: torch's own bf16 conversion writes every NaN as 0xffff, c10::BFloat16 as 0x7fc0."""
+    x = rounding_edge_cases()
+    nan = x.isnan()
+    for salt in (0, 1, 7, 2**40 + 3):
+        ours, want = cpu_tbe.round_like_the_kernel(x, dtype, stochastic, salt), round_to(x, dtype, stochastic, salt)
+        assert ours.dtype == dtype
+        assert torch.equal(ours[~nan].view(torch.int16), want[~nan].view(torch.int16)), salt
+        assert ours[nan].isnan().all(), salt
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=ROUNDING_IDS)
+@pytest.mark.parametrize("l2", [0.0, 0.3], ids=["no_l2", "l2"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_half_storage_rounds_like_the_reference(dtype, kind, l2, stochastic):
+    check_half_storage_rounds_like_the_reference(half_maker(kind, l2), dtype, kind, stochastic)
+
+
+@pytest.mark.parametrize("kind,l2", [("sgd", 0.0), ("adam", 0.1)])
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_half_storage_on_big_batches_and_threads(dtype, kind, l2):
+    """test_big_batches_on_threads' tables and batches, two threads (several update tasks), stochastic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_half_storage_rounds_like_the_reference(half_maker(kind, l2, BIG_SHAPES), dtype, kind, True,
+                                                     steps=2, shapes=BIG_SHAPES, batch=BIG_BATCH,
+                                                     max_bag=BIG_MAX_BAG)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+def test_sub_ulp_updates_survive_stochastic_rounding(dtype):
+    check_sub_ulp_updates_survive(half_maker(), dtype)
+
+
+def test_half_storage_buffers_salt_and_bad_dtype():
+    tbe = CpuTBE(SHAPES, OptimSpec("adam", **OPTIM), dtype=torch.bfloat16)
+    assert tbe.weights.dtype == torch.bfloat16 and tbe.exp_avg.dtype == torch.float32
+    assert all(w.dtype == torch.bfloat16 for w in tbe.table_weights())
+    assert tbe.salt == 0 and tbe.stochastic_rounding
+    train_step(tbe, *make_batch(seed=1, weighted=False))
+    assert tbe.salt == 1  # one more after each backward
+    tbe.set_salt(41)
+    train_step(tbe, *make_batch(seed=2, weighted=False))
+    assert tbe.salt == 42
+    with pytest.raises(ValueError, match="torch.float64"):
+        CpuTBE(SHAPES, OptimSpec("sgd", lr=0.1), dtype=torch.float64)

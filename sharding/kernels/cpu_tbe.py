@@ -11,6 +11,13 @@ a local buffer and the optimizer of ``sharding.optim`` (sgd, adagrad, rowwise_ad
 L2 on touched rows) applied to it, each touched row and its state read and written once. No dense
 gradient. The source is ``sharding/kernels/csrc/cpu_tbe.cpp``; ``setup.py`` builds it at install
 (``make install``), never at run time. Without it ``unsupported`` says why and the runtime falls back.
+
+Weights are stored in ``dtype``: fp32, fp16 or bf16 (half the memory and the bandwidth of the random row
+reads); the optimizer state stays fp32. The forward converts each stored value to fp32 and sums in fp32;
+the update runs the fp32 arithmetic on the stored weight converted to fp32 and stores the new value as
+``sharding.rounding.round_to(new, dtype, stochastic_rounding, salt)`` does, bit for bit (the rule lives
+there; the C++ repeats it: the hash, the add-and-truncate on the fp32 bits, then a conversion to nearest
+even). The C++ is a template on the weight type and rounding, so the fp32 path is the float code as before.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import torch
 
 from sharding.kernels import TableBatchedEmbedding, fused_lookup
 from sharding.optim import OptimSpec, state_names
+from sharding.rounding import DTYPES, salt_key
 
 MAX_ROWS = 2**32 - 1  # the kernel sorts table-local ids as 32-bit keys
 BUILD_HINT = "build it with `make install` or `python setup.py build_ext --inplace`"
@@ -50,23 +58,36 @@ def unsupported(shapes: list[tuple[int, int]], optim: OptimSpec, device: torch.d
     return None
 
 
+def round_like_the_kernel(x: torch.Tensor, dtype: torch.dtype, stochastic: bool, salt: int) -> torch.Tensor:
+    """fp32 ``x`` in ``dtype`` as the kernel's update stores it (its own C++ rounding; the tests hold it to
+    ``sharding.rounding.round_to``)."""
+    out = torch.empty(x.shape, dtype=dtype)
+    load()[0].round_into(out, x.float().contiguous(), stochastic, salt_key(salt))
+    return out
+
+
 class CpuTBE(TableBatchedEmbedding):
-    """T fp32 tables of ``shapes`` [(rows, width)] in one flat buffer; ``optim`` is applied inside backward.
+    """T tables of ``shapes`` [(rows, width)] in one flat ``dtype`` buffer; ``optim`` is applied inside backward.
 
     Optimizer state is fp32 in flat buffers laid out like the weights ("row_col"), one value per row of
     all tables ("row"), or one Adam step count shared by the tables ("scalar": every table takes a step on
     every backward). Per-sample weights scale the rows but get no gradient. The storage is buffers, not
-    parameters: dense optimizers and DDP must not see the tables.
+    parameters: dense optimizers and DDP must not see the tables. Weights in ``dtype`` (fp32, fp16, bf16),
+    half ones rounded stochastically or to nearest (``stochastic_rounding``) with ``salt`` (module docstring).
     """
 
-    def __init__(self, shapes: list[tuple[int, int]], optim: OptimSpec, device: torch.device | str = "cpu"):
+    def __init__(self, shapes: list[tuple[int, int]], optim: OptimSpec, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, stochastic_rounding: bool = True):
         super().__init__()
+        if dtype not in DTYPES.values():
+            raise ValueError(f"CpuTBE stores fp32, fp16 or bf16 weights, got {dtype}")
         why = unsupported(shapes, optim, device)
         if why:
             raise RuntimeError(f"CpuTBE cannot run here: {why}")
         module, _ = load()
         self.kernel_module = module
         self.shapes, self.optim = [(int(r), int(w)) for r, w in shapes], optim
+        self.dtype, self.stochastic_rounding, self.salt = dtype, bool(stochastic_rounding), 0
         self.kernel = module.Kernel([r for r, _ in self.shapes], [w for _, w in self.shapes])
         self._code = {"sgd": module.SGD, "adagrad": module.ADAGRAD, "rowwise_adagrad": module.ROWWISE_ADAGRAD,
                       "adam": module.ADAM}[optim.kind]
@@ -75,14 +96,14 @@ class CpuTBE(TableBatchedEmbedding):
         for rows, width in self.shapes:
             self._row_starts.append(self._row_starts[-1] + rows)
             self._weight_starts.append(self._weight_starts[-1] + rows * width)
-        self.register_buffer("weights", self._buffer(self._weight_starts[-1]))
+        self.register_buffer("weights", self._buffer(self._weight_starts[-1], dtype))
         self._init_weights()
         self._init_state()
 
-    def _buffer(self, numel: int) -> torch.Tensor:
+    def _buffer(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Zeros on huge pages where the kernel grants them (before the first touch): the lookups and
         updates read rows at random, and 4 KiB pages would miss the TLB on almost every row."""
-        flat = torch.empty(numel, dtype=torch.float32)
+        flat = torch.empty(numel, dtype=dtype)
         self.kernel_module.advise_huge_pages(flat)
         return flat.zero_()
 
@@ -90,9 +111,13 @@ class CpuTBE(TableBatchedEmbedding):
     def _init_weights(self) -> None:
         # As TritonTBE: DLRM's uniform(+-sqrt(1 / rows)) from a generator of its own, so the global stream
         # (the dense MLP's initialisation) does not depend on the kernel; the runtime overwrites the rows.
+        # Half tables draw the fp32 values and round them to nearest, as a checkpoint loads (fp32 ones draw
+        # in place: copy_ of a tensor onto itself does nothing).
         gen = torch.Generator().manual_seed(0)
         for w, (rows, _) in zip(self.table_weights(), self.shapes):
-            w.uniform_(-math.sqrt(1.0 / max(rows, 1)), math.sqrt(1.0 / max(rows, 1)), generator=gen)
+            drawn = w if w.dtype == torch.float32 else torch.empty(w.shape)
+            drawn.uniform_(-math.sqrt(1.0 / max(rows, 1)), math.sqrt(1.0 / max(rows, 1)), generator=gen)
+            w.copy_(drawn)
 
     def _init_state(self) -> None:
         names = state_names(self.optim.kind)
@@ -156,7 +181,8 @@ class CpuTBE(TableBatchedEmbedding):
             self.weights, grad.float().contiguous(), indices, offsets, per_sample_weights, self._code,
             self.optim.lr, self.optim.eps, beta1, beta2, self.optim.l2, step_size,
             getattr(self, "sum", getattr(self, "exp_avg", None)), getattr(self, "exp_avg_sq", None),
-            getattr(self, "row_sum", None))
+            getattr(self, "row_sum", None), self.stochastic_rounding, salt_key(self.salt))
+        self.salt += 1  # the next backward rounds with other random bits (TableBatchedEmbedding)
 
     def _adam_step_size(self) -> float:
         """Adam: count this step, return lr * sqrt(1 - b2^t) / (1 - b1^t) in float64 as the reference does."""

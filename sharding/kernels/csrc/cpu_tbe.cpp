@@ -5,8 +5,12 @@
 //     out = kernel.forward(weights, indices, offsets, None)   # [B, 24]
 //     kernel.backward_update(weights, grad, indices, offsets, None, _cpu_tbe.ADAGRAD, lr, eps, ...)
 //
-// Layout: every table's rows in one flat fp32 buffer (table t at element weight_offsets[t], row-major
-// [rows, width]); "row_col" optimizer state shaped the same, "row" state one value per row of all tables.
+// Layout: every table's rows in one flat buffer of fp32, fp16 or bf16 (table t at element weight_offsets[t],
+// row-major [rows, width]); "row_col" optimizer state shaped the same, "row" state one value per row of all
+// tables, state always fp32. Half weights are read into fp32 (forward sums and the update are fp32), and an
+// updated value is stored back by a Store policy (below): to nearest, or stochastically by the rule of
+// sharding/rounding.py, bit for bit. The kernels are templates on that policy, so the fp32 path is the
+// plain float code it always was (no branch on the dtype in the loops).
 // Bags are table-major: bag j of table t is indices[offsets[t*B+j] : offsets[t*B+j+1]].
 //
 // Backward: per table (tables in parallel), the (row id, position) pairs are sorted by id: a counting
@@ -27,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -42,11 +47,89 @@ constexpr int RADIX_BUCKETS = 1 << RADIX_BITS;
 constexpr int MAX_RADIX_PASSES = 4;              // 32-bit keys
 
 // A row about to be read (forward) or read and written (the update), one prefetch per cache line.
-inline void prefetch_read(const float* row, int64_t width) {
-  for (int64_t j = 0; j < width; j += FLOATS_PER_LINE) __builtin_prefetch(row + j, 0, 3);
+template <typename T>
+inline void prefetch_read(const T* row, int64_t width) {
+  constexpr int64_t per_line = FLOATS_PER_LINE * sizeof(float) / sizeof(T);
+  for (int64_t j = 0; j < width; j += per_line) __builtin_prefetch(row + j, 0, 3);
 }
-inline void prefetch_write(const float* row, int64_t width) {
-  for (int64_t j = 0; j < width; j += FLOATS_PER_LINE) __builtin_prefetch(row + j, 1, 3);
+template <typename T>
+inline void prefetch_write(const T* row, int64_t width) {
+  constexpr int64_t per_line = FLOATS_PER_LINE * sizeof(float) / sizeof(T);
+  for (int64_t j = 0; j < width; j += per_line) __builtin_prefetch(row + j, 1, 3);
+}
+
+// Stochastic rounding as sharding/rounding.py's round_to: lowbias32(fp32 bits ^ key) gives the random
+// bits; its low DROPPED bits are added to the fp32 bit pattern, which is then truncated to them (exact in
+// the half type but for fp16's subnormals and overflow, which the final conversion rounds to nearest).
+// key: sharding.rounding.salt_key(salt). Non-finite values are converted as they are.
+inline uint32_t lowbias32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x7FEB352Du;
+  h ^= h >> 15;
+  h *= 0x846CA68Bu;
+  h ^= h >> 16;
+  return h;
+}
+
+template <int DROPPED>
+inline float add_noise_and_truncate(float x, uint32_t key) {
+  constexpr uint32_t low = (1u << DROPPED) - 1;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t truncated = (bits + (lowbias32(bits ^ key) & low)) & ~low;
+  float rounded;
+  std::memcpy(&rounded, &truncated, sizeof rounded);
+  return std::isfinite(x) ? rounded : x;
+}
+
+// How an updated fp32 value is stored: the weight type, and the conversion to it. c10::Half and
+// c10::BFloat16 convert to nearest (ties to even), as torch's .to() does (NaN bits aside: torch writes a
+// bf16 NaN as 0xffff, c10::BFloat16 as 0x7fc0).
+struct StoreFloat {
+  using type = float;
+  float operator()(float x) const { return x; }
+};
+template <typename H>
+struct StoreNearest {
+  using type = H;
+  H operator()(float x) const { return H(x); }
+};
+template <typename H>
+struct StoreStochastic {
+  using type = H;
+  uint32_t key;
+  // fp32 has 23 mantissa bits; bf16 keeps 7 and fp16 10 (sharding.rounding.DROPPED_BITS)
+  static constexpr int dropped = std::is_same<H, c10::BFloat16>::value ? 16 : 13;
+  H operator()(float x) const { return H(add_noise_and_truncate<dropped>(x, key)); }
+};
+
+// Calls f with a Store of the weights' type: fp32, or a half type to nearest or stochastically.
+template <typename F>
+void with_store(at::ScalarType dtype, bool stochastic, uint32_t key, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(StoreFloat{});
+    case at::kHalf:
+      return stochastic ? f(StoreStochastic<c10::Half>{key}) : f(StoreNearest<c10::Half>{});
+    case at::kBFloat16:
+      return stochastic ? f(StoreStochastic<c10::BFloat16>{key}) : f(StoreNearest<c10::BFloat16>{});
+    default:
+      TORCH_CHECK(false, "cpu_tbe: weights must be fp32, fp16 or bf16, got ", dtype);
+  }
+}
+
+// The kernel's own rounding of fp32 src into out (fp32, fp16 or bf16, as many values): the tests hold it
+// bit for bit to sharding.rounding.round_to.
+void round_into(at::Tensor out, const at::Tensor& src, bool stochastic, int64_t key) {
+  TORCH_CHECK(src.scalar_type() == at::kFloat && src.is_contiguous() && out.is_contiguous() &&
+                  out.numel() == src.numel(),
+              "cpu_tbe: round_into takes contiguous fp32 src and out of as many values");
+  with_store(out.scalar_type(), stochastic, uint32_t(key), [&](auto store) {
+    using W = typename decltype(store)::type;
+    W* o = reinterpret_cast<W*>(out.data_ptr());
+    const float* x = src.data_ptr<float>();
+    for (int64_t i = 0; i < src.numel(); ++i) o[i] = store(x[i]);
+  });
 }
 
 constexpr uintptr_t HUGE_PAGE_BYTES = 2 << 20;
@@ -141,8 +224,19 @@ class Kernel {
                      const c10::optional<at::Tensor>& psw) const {
     int64_t B = check_inputs(weights, indices, offsets, psw);
     const int64_t T = num_tables(), total_width = col_offsets_[T];
-    at::Tensor out = at::empty({B, total_width}, weights.options());
-    const float* W = weights.data_ptr<float>();
+    at::Tensor out = at::empty({B, total_width}, weights.options().dtype(at::kFloat));
+    with_store(weights.scalar_type(), false, 0, [&](auto store) {
+      pool(reinterpret_cast<const typename decltype(store)::type*>(weights.data_ptr()), indices, offsets, psw,
+           B, out);
+    });
+    return out;
+  }
+
+  // The forward's sums (fp32) of rows stored as W, into out [B, total width].
+  template <typename W>
+  void pool(const W* weights, const at::Tensor& indices, const at::Tensor& offsets,
+            const c10::optional<at::Tensor>& psw, int64_t B, at::Tensor& out) const {
+    const int64_t T = num_tables(), total_width = col_offsets_[T];
     const int64_t* idx = indices.data_ptr<int64_t>();
     const int64_t* off = offsets.data_ptr<int64_t>();
     const float* pw = psw.has_value() ? psw->data_ptr<float>() : nullptr;
@@ -152,7 +246,7 @@ class Kernel {
       bool chunk_bad = false;
       for (int64_t k = begin; k < end; ++k) {
         const int64_t t = k / B, b = k % B, d = widths_[t], rows = rows_[t];
-        const float* Wt = W + weight_offsets_[t];
+        const W* Wt = weights + weight_offsets_[t];
         const int64_t table_end = off[(t + 1) * B];
         float* __restrict__ o = O + b * total_width + col_offsets_[t];
         for (int64_t j = 0; j < d; ++j) o[j] = 0.0f;
@@ -166,29 +260,29 @@ class Kernel {
             chunk_bad = true;
             continue;
           }
-          const float* __restrict__ r = Wt + id * d;
+          const W* __restrict__ r = Wt + id * d;
           if (pw) {
             const float s = pw[p];
-            for (int64_t j = 0; j < d; ++j) o[j] += s * r[j];
+            for (int64_t j = 0; j < d; ++j) o[j] += s * float(r[j]);
           } else {
-            for (int64_t j = 0; j < d; ++j) o[j] += r[j];
+            for (int64_t j = 0; j < d; ++j) o[j] += float(r[j]);
           }
         }
       }
       if (chunk_bad) bad = true;
     });
     check_ids(bad);
-    return out;
   }
 
   // The optimizer's update of the rows that grad (d loss / d output, [B, total width]) touches.
   // state1: "sum" (adagrad) or "exp_avg" (adam); state2: "exp_avg_sq"; row_state: "row_sum".
-  // step_size: adam's lr * sqrt(1 - b2^t) / (1 - b1^t) for this step.
+  // step_size: adam's lr * sqrt(1 - b2^t) / (1 - b1^t) for this step. Half weights are stored back
+  // stochastically when stochastic, with rounding_key (sharding.rounding.salt_key of the salt).
   void backward_update(at::Tensor weights, const at::Tensor& grad, const at::Tensor& indices,
                        const at::Tensor& offsets, const c10::optional<at::Tensor>& psw, int64_t kind, double lr,
                        double eps, double beta1, double beta2, double l2, double step_size,
                        const c10::optional<at::Tensor>& state1, const c10::optional<at::Tensor>& state2,
-                       const c10::optional<at::Tensor>& row_state) {
+                       const c10::optional<at::Tensor>& row_state, bool stochastic, int64_t rounding_key) {
     const int64_t B = check_inputs(weights, indices, offsets, psw);
     const int64_t T = num_tables(), total_width = col_offsets_[T];
     TORCH_CHECK(grad.scalar_type() == at::kFloat && grad.is_contiguous() && grad.dim() == 2 &&
@@ -207,18 +301,24 @@ class Kernel {
     base_ = off[0];
     sort_by_row(indices, offsets, B);
     const float* pw = psw.has_value() ? psw->data_ptr<float>() : nullptr;
-    Update u{weights.data_ptr<float>(), S1, S2, RS, grad.data_ptr<float>(), pw, total_width, kind,
-             float(lr), float(eps), float(1.0 - beta1), float(1.0 - beta2), float(l2), float(step_size)};
     const int64_t base = off[0];
-    at::parallel_for(0, N, UPDATE_GRAIN_IDS, [&](int64_t lo, int64_t hi) {
-      std::vector<float> g(max_width_);
-      update_range(u, base, lo, hi, B, g.data());
+    with_store(weights.scalar_type(), stochastic, uint32_t(rounding_key), [&](auto store) {
+      using Store = decltype(store);
+      Update<Store> u{reinterpret_cast<typename Store::type*>(weights.data_ptr()), store, S1, S2, RS,
+                      grad.data_ptr<float>(), pw, total_width, kind, float(lr), float(eps), float(1.0 - beta1),
+                      float(1.0 - beta2), float(l2), float(step_size)};
+      at::parallel_for(0, N, UPDATE_GRAIN_IDS, [&](int64_t lo, int64_t hi) {
+        std::vector<float> g(max_width_);
+        update_range(u, base, lo, hi, B, g.data());
+      });
     });
   }
 
  private:
+  template <typename Store>
   struct Update {
-    float* W;
+    typename Store::type* W;
+    Store store;
     float* S1;
     float* S2;
     float* RS;
@@ -233,9 +333,8 @@ class Kernel {
                        const c10::optional<at::Tensor>& psw) const {
     const int64_t T = num_tables();
     TORCH_CHECK(T > 0, "cpu_tbe: no tables");
-    TORCH_CHECK(weights.device().is_cpu() && weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
-                    weights.numel() == weight_offsets_[T],
-                "cpu_tbe: weights must be one contiguous fp32 CPU buffer of all tables");
+    TORCH_CHECK(weights.device().is_cpu() && weights.is_contiguous() && weights.numel() == weight_offsets_[T],
+                "cpu_tbe: weights must be one contiguous CPU buffer of all tables");  // dtype: with_store
     TORCH_CHECK(indices.scalar_type() == at::kLong && indices.is_contiguous() && indices.dim() == 1,
                 "cpu_tbe: indices must be contiguous int64");
     TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.dim() == 1 &&
@@ -298,7 +397,8 @@ class Kernel {
   }
 
   // The runs that start among sorted positions [lo, hi): each row's gradient summed, then its update.
-  void update_range(const Update& u, int64_t base, int64_t lo, int64_t hi, int64_t B, float* g) const {
+  template <typename Store>
+  void update_range(const Update<Store>& u, int64_t base, int64_t lo, int64_t hi, int64_t B, float* g) const {
     // table_end(t): the end of table t's positions, relative to base
     auto table_end = [&](int64_t t) { return offsets_ptr_[(t + 1) * B] - base; };
     int64_t t = 0;
@@ -322,7 +422,8 @@ class Kernel {
 
   // The rows the id at sorted position q reads: its gradient row (random: bags come in row order) and,
   // at a run's head, the weight row and its state.
-  void prefetch_rows(const Update& u, int64_t t, int64_t q) const {
+  template <typename Store>
+  void prefetch_rows(const Update<Store>& u, int64_t t, int64_t q) const {
     const int64_t d = widths_[t], id = keys_[q], at = weight_offsets_[t] + id * d;
     const uint32_t pos = vals_[q];
     prefetch_read(u.grad + int64_t(bag_of_[pos]) * u.ld + col_offsets_[t], d);
@@ -336,9 +437,11 @@ class Kernel {
 
   // One row: g = sum over its occurrences [p, end) of psw * grad[bag, table cols] (+ l2 * w), then the rule
   // of sharding.optim, with the same operations in the same association (a multiply then an add: the
-  // extension is compiled with -ffp-contract=off).
+  // extension is compiled with -ffp-contract=off), on the stored weight read as fp32; u.store writes the
+  // result back (exactly as a float, or rounded to the half type).
   // tend: the end of table t's positions (what is prefetched, PREFETCH_AHEAD positions on, stays in it).
-  void update_row(const Update& u, int64_t t, uint32_t id, int64_t p, int64_t end, int64_t tend,
+  template <typename Store>
+  void update_row(const Update<Store>& u, int64_t t, uint32_t id, int64_t p, int64_t end, int64_t tend,
                   float* __restrict__ g) const {
     const int64_t d = widths_[t], c0 = col_offsets_[t];
     for (int64_t j = 0; j < d; ++j) g[j] = 0.0f;
@@ -354,14 +457,15 @@ class Kernel {
       }
     }
     const int64_t at = weight_offsets_[t] + int64_t(id) * d;
-    float* __restrict__ w = u.W + at;
+    typename Store::type* __restrict__ w = u.W + at;
+    const Store store = u.store;
     if (u.l2 != 0.0f) {
-      for (int64_t j = 0; j < d; ++j) g[j] = g[j] + u.l2 * w[j];
+      for (int64_t j = 0; j < d; ++j) g[j] = g[j] + u.l2 * float(w[j]);
     }
     switch (u.kind) {
       case SGD: {
         const float step = -u.lr;
-        for (int64_t j = 0; j < d; ++j) w[j] += step * g[j];
+        for (int64_t j = 0; j < d; ++j) w[j] = store(float(w[j]) + step * g[j]);
         break;
       }
       case ADAGRAD: {
@@ -369,7 +473,7 @@ class Kernel {
         const float step = -u.lr;
         for (int64_t j = 0; j < d; ++j) {
           s[j] += g[j] * g[j];
-          w[j] += step * (g[j] / (std::sqrt(s[j]) + u.eps));
+          w[j] = store(float(w[j]) + step * (g[j] / (std::sqrt(s[j]) + u.eps)));
         }
         break;
       }
@@ -379,7 +483,7 @@ class Kernel {
         float& s = u.RS[row_offsets_[t] + id];
         s += sq / float(d);
         const float multiplier = u.lr / (std::sqrt(s) + u.eps);
-        for (int64_t j = 0; j < d; ++j) w[j] -= g[j] * multiplier;
+        for (int64_t j = 0; j < d; ++j) w[j] = store(float(w[j]) - g[j] * multiplier);
         break;
       }
       default: {  // ADAM, lazy: only this row's moments move
@@ -389,7 +493,7 @@ class Kernel {
         for (int64_t j = 0; j < d; ++j) {
           m[j] = (g[j] - m[j]) * u.one_minus_beta1 + m[j];
           v[j] = (g[j] * g[j] - v[j]) * u.one_minus_beta2 + v[j];
-          w[j] += step * (m[j] / (std::sqrt(v[j]) + u.eps));
+          w[j] = store(float(w[j]) + step * (m[j] / (std::sqrt(v[j]) + u.eps)));
         }
       }
     }
@@ -411,6 +515,8 @@ class Kernel {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "distrec's CPU table-batched embedding kernels (sharding/kernels/cpu_tbe.py wraps them)";
   m.def("advise_huge_pages", &advise_huge_pages, pybind11::arg("tensor"));
+  m.def("round_into", &round_into, pybind11::arg("out"), pybind11::arg("src"), pybind11::arg("stochastic"),
+        pybind11::arg("key"));
   m.attr("SGD") = int64_t(SGD);
   m.attr("ADAGRAD") = int64_t(ADAGRAD);
   m.attr("ROWWISE_ADAGRAD") = int64_t(ROWWISE_ADAGRAD);
@@ -425,6 +531,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("indices"), pybind11::arg("offsets"), pybind11::arg("per_sample_weights"),
            pybind11::arg("kind"), pybind11::arg("lr"), pybind11::arg("eps"), pybind11::arg("beta1"),
            pybind11::arg("beta2"), pybind11::arg("l2"), pybind11::arg("step_size"), pybind11::arg("state1"),
-           pybind11::arg("state2"), pybind11::arg("row_state"),
-           pybind11::call_guard<pybind11::gil_scoped_release>());
+           pybind11::arg("state2"), pybind11::arg("row_state"), pybind11::arg("stochastic") = false,
+           pybind11::arg("rounding_key") = 0, pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -122,8 +122,9 @@ class PlanConfig:
     kernel: str = "auto"
     # The pooled-embedding all-to-all in fp32 | fp16 | bf16 (TorchRec's quantized comms): the forward's
     # pooled vectors, and with comm_precision_backward (same: as the forward) their gradients; the
-    # row-wise partial sums are added in fp32 after the exchange. dense_comm_precision = "bf16" all-reduces
-    # the dense gradients in bf16 (DDP's bf16 compress hook, Horovod's compression), averaged in fp32.
+    # row-wise partial sums are added in fp32 after the exchange (the two-level exchange sends fp32 only).
+    # dense_comm_precision = "bf16" all-reduces the dense gradients as bf16 (DDP; summed in bf16 by the
+    # backend, then written back to the fp32 gradients).
     comm_precision: str = "fp32"
     comm_precision_backward: str = "same"
     dense_comm_precision: str = "fp32"
@@ -212,10 +213,13 @@ class TrainConfig:
     # >0: time each step's phases (data wait, all-to-alls, lookup, all-reduce, optimizer) and write their
     # means over the last N steps as {"kind": "breakdown"} to metrics.jsonl (distrec bench uses it)
     profile_steps: int = 0
-    # the dense part's compute: "bf16" runs the bottom MLP, the interaction and the top MLP under bf16
-    # autocast (weights, optimizer state, embeddings, their exchanges and the loss stay fp32); 3.6x faster
-    # MLPs on CPUs with AMX. fp16 needs loss scaling that also skips the fused sparse update: not built yet
+    # the dense part's compute: "bf16" | "fp16" run the bottom MLP, the interaction and the top MLP under
+    # that autocast (dense weights, optimizer state and the loss stay fp32; tables.precision and
+    # plan.comm_precision set the embeddings'); bf16 gives 3.6x faster MLPs on CPUs with AMX. fp16 scales
+    # the loss dynamically (distrec.trainer.loss_scale): a step whose gradients overflow on any rank updates
+    # nothing, dense or sparse, and is logged ({"kind": "skip"} in metrics.jsonl)
     precision: str = "fp32"
+    loss_scale: float = 65536.0  # fp16: the first step's loss scale (torch.amp.GradScaler's init_scale)
     # train.early_stop = {metric = "auc", patience = 2}, or --train.early_stop.patience=3
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
@@ -321,7 +325,7 @@ CHOICES = {
     ("optimizer", "schedule"): ("constant", "warmup", "step", "exponential", "plateau", "mlperf"),
     ("optimizer", "plateau_metric"): ("auc", "logloss"),
     ("train", "device"): ("auto", "cpu", "cuda"),
-    ("train", "precision"): ("fp32", "bf16"),
+    ("train", "precision"): ("fp32", "bf16", "fp16"),
     ("train", "early_stop.metric"): ("", "auc", "logloss"),
     ("checkpoint", "keep_best"): ("", "auc", "logloss"),
     ("plan", "default"): ("auto", *SHARDING_TYPES),
@@ -529,6 +533,18 @@ def validate(cfg: Config) -> None:
     _validate_planner(cfg, [spec.name for spec in specs])
     _validate_best(cfg)
     _validate_optimizer(cfg)
+    _validate_precision(cfg)
+
+
+def _validate_precision(cfg: Config) -> None:
+    if cfg.plan.dense_comm_precision != "fp32" and cfg.dense.engine == "horovod":
+        raise ConfigError(f"{cfg.source}: plan.dense_comm_precision = {cfg.plan.dense_comm_precision!r} needs "
+                          "dense.engine = \"ddp\" (Horovod compresses gradients to fp16 only)")
+    if not cfg.train.loss_scale > 0:
+        raise ConfigError(f"{cfg.source}: train.loss_scale must be > 0, got {cfg.train.loss_scale}")
+    if cfg.train.precision == "fp16" and cfg.dense.engine == "horovod":
+        raise ConfigError(f"{cfg.source}: train.precision = \"fp16\" needs dense.engine = \"ddp\": its overflow check "
+                          "reads the summed dense gradients before the step, and Horovod sums them inside its step")
 
 
 def _validate_best(cfg: Config) -> None:

@@ -14,7 +14,7 @@ from distrec.config import Config, ConfigError, dump_toml, load_config
 from distrec.data.loader import make_loader
 from distrec.data.manifest import DataError, read_manifest
 from distrec.trainer.best import BestModel, report_test
-from distrec.trainer.build import build_model
+from distrec.trainer.build import build_model, comm_precision
 from distrec.trainer.checkpoint import CheckpointError, agreed, check_writable, open_for_resume
 from distrec.trainer.dense_parallel import wrap_dense
 from distrec.trainer.dist import DistContext, init_distributed, shutdown
@@ -24,14 +24,16 @@ from distrec.trainer.loop import report_breakdown, train_loop
 from distrec.trainer.phases import PhaseTimer
 from distrec.trainer.pipeline import pipelining
 from distrec.trainer.plan_check import report_plan_check
-from distrec.trainer.precision import precision_note
+from distrec.trainer.loss_scale import LossScale
+from distrec.trainer.precision import precision_note, storage_note
 from distrec.trainer.schedule import Schedule, lr_notes
 from distrec.trainer.state import Position, restore
 from sharding.runtime import InputError
 from sharding.types import PlanError
 
 
-def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note, schedule=None) -> Position:
+def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note, schedule=None,
+           scaler=None) -> Position:
     """Where to start: step 0, or the newest checkpoint that verifies when ``checkpoint.resume`` is set
     (each one passed over, and finding none, is told to ``note``)."""
     if not (cfg.checkpoint.resume and cfg.checkpoint.dir):
@@ -40,7 +42,7 @@ def resume(cfg: Config, ctx: DistContext, model, embeddings, optimizers, note, s
     if ckpt is None:
         note(f"checkpoint.resume is set but {cfg.checkpoint.dir} holds no usable checkpoint: starting at step 0")
         return Position()
-    pos = restore(ckpt, model, embeddings, optimizers, ctx, schedule)
+    pos = restore(ckpt, model, embeddings, optimizers, ctx, schedule, scaler)
     for line in lr_notes(ckpt.common.get("config", {}), cfg.optimizer):
         note(line)
     return pos
@@ -74,14 +76,15 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
     timer = PhaseTimer() if cfg.train.profile_steps else None
     built = build_model(cfg, ctx, manifest, timer)
     specs, tables, plan, embeddings, model = built.specs, built.tables, built.plan, built.embeddings, built.model
-    ddp, optimizers = wrap_dense(model, built.optimizers, ctx, timer)
+    ddp, optimizers = wrap_dense(model, built.optimizers, ctx, timer, cfg.plan.dense_comm_precision)
     train_loader = make_loader(cfg, manifest, cfg.data.train_split, ctx, train=True)
     check_batch_norm(cfg, train_loader)
     eval_loader = make_loader(cfg, manifest, cfg.data.eval_split, ctx, train=False)
     test_loader = make_loader(cfg, manifest, cfg.data.test_split, ctx, train=False) if cfg.data.test_split else None
     notes: list[str] = []  # said once the log exists
     schedule = Schedule(cfg.optimizer)
-    pos = resume(cfg, ctx, model, embeddings, optimizers, notes.append, schedule)
+    scaler = LossScale(cfg.train.loss_scale) if cfg.train.precision == "fp16" else None
+    pos = resume(cfg, ctx, model, embeddings, optimizers, notes.append, schedule, scaler)
     best = BestModel.start(cfg, ctx, pos.step, notes.append)
     total = train_loader.num_batches() * cfg.train.epochs
     if cfg.train.max_steps:
@@ -98,13 +101,15 @@ def _run(cfg: Config, ctx: DistContext) -> dict:
         log.info(f"embedding kernel: {embeddings.kernel} ({embeddings.kernel_reason})")
         precision, warning = precision_note(cfg.train.precision, ctx.device.type)
         log.info(precision + (f"\nwarning: {warning}" if warning else ""))
+        log.info(storage_note({s.name: s.precision for s in specs}, cfg.tables.stochastic_rounding,
+                              comm_precision(cfg.plan), cfg.plan.dense_comm_precision))
         log.info("pipeline: " + ("on: batch i+1's ids are exchanged while batch i trains (input_wait_ms in "
                                  "metrics.jsonl shows how much of it was not hidden)" if pipelining(cfg, ctx.world_size)
                                  else "off (one rank: no exchange to hide)" if cfg.train.pipeline else "off"))
         if pos.step:
             log.info(f"resumed from {cfg.checkpoint.dir} at step {pos.step} (epoch {pos.epoch}, batch {pos.batch})")
     result = train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer, best,
-                        schedule)
+                        schedule, scaler)
     if best is not None:  # the final evaluation is of the best model, and the test split sees that one
         result = best.final(model, optimizers, eval_loader, ctx, log, result)
     if test_loader is not None:

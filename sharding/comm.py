@@ -146,11 +146,15 @@ class AsyncAllToAll:
     halves in forward (the bottom MLP's backward, and DDP's all-reduce of its gradients) runs while the
     gradients fly. ``report(name, exchange)``, if given, hears each finished exchange: "output_a2a"
     (forward) and "grad_a2a" (backward). ``wait`` once: its result is the only consumer of the start.
+
+    ``dtypes`` = (forward, backward): what the values and their gradients travel as (fp16/bf16 halve the
+    bytes, TorchRec's quantized comms); both sides of the exchange see fp32, so the sums after it (row-wise
+    partial sums, gradients of duplicate ids) are fp32.
     """
 
     def __init__(self, t: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None,
-                 report=None):
-        self.splits, self.group, self.report = (send_splits, recv_splits), group, report
+                 report=None, dtypes: tuple[torch.dtype, torch.dtype] = (torch.float32, torch.float32)):
+        self.splits, self.group, self.report, self.dtypes = (send_splits, recv_splits), group, report, dtypes
         self.forward_ex: Exchange | None = None
         self.backward_ex: Exchange | None = None
         self._sent = _StartAllToAll.apply(t, self)
@@ -169,8 +173,8 @@ class _StartAllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, flight):
-        ctx.flight = flight
-        flight.forward_ex = Exchange(t, *flight.splits, flight.group)
+        ctx.flight, ctx.dtype = flight, t.dtype
+        flight.forward_ex = Exchange(t.to(flight.dtypes[0]), *flight.splits, flight.group)
         return flight.forward_ex.out
 
     @staticmethod
@@ -179,7 +183,7 @@ class _StartAllToAll(torch.autograd.Function):
         got = flight.backward_ex.wait()  # ``grad`` is a stand-in (see _FinishAllToAll.backward)
         flight._heard("grad_a2a", flight.backward_ex)
         flight.backward_ex = None  # the buffer goes with the graph, not with the handle
-        return got, None
+        return got.to(ctx.dtype), None
 
 
 class _FinishAllToAll(torch.autograd.Function):
@@ -191,15 +195,18 @@ class _FinishAllToAll(torch.autograd.Function):
         received = flight.forward_ex.wait()
         flight._heard("output_a2a", flight.forward_ex)
         flight.forward_ex = None
-        return received
+        return received.float()
 
     @staticmethod
     def backward(ctx, grad):
         flight = ctx.flight
         send_splits, recv_splits = flight.splits
-        flight.backward_ex = Exchange(grad, recv_splits, send_splits, flight.group)
+        flight.backward_ex = Exchange(grad.to(flight.dtypes[1]), recv_splits, send_splits, flight.group)
         # The start half's backward takes the exchanged gradient from the handle; what flows to it here
-        # only has to have the received shape: ``grad`` itself (read by the exchange, written by no one).
+        # only has to have the received shape and dtype: ``grad`` itself (read by the exchange, written by
+        # no one), or with half exchanges a broadcast zero of that dtype (no copy).
+        if flight.dtypes[0] != grad.dtype:
+            return torch.zeros((), dtype=flight.dtypes[0], device=grad.device).expand(grad.shape), None
         return grad, None
 
 

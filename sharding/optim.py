@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sharding.rounding import round_to
 from sharding.types import OPTIMIZERS, check_optimizer, state_names
 
 KINDS = OPTIMIZERS  # the names are the kit's vocabulary (sharding.types)
@@ -73,7 +74,7 @@ class SparseOptimizer(torch.optim.Optimizer):
     """Row-sparse SGD / Adagrad / row-wise Adagrad / lazy Adam over [rows, width] weights."""
 
     def __init__(self, params, kind: str, lr: float, eps: float = 1e-8,
-                 betas: tuple[float, float] = (0.9, 0.999), l2: float = 0.0):
+                 betas: tuple[float, float] = (0.9, 0.999), l2: float = 0.0, stochastic_rounding: bool = True):
         check_optimizer(kind)
         if lr < 0.0:
             raise ValueError(f"invalid learning rate {lr}")
@@ -84,7 +85,9 @@ class SparseOptimizer(torch.optim.Optimizer):
         if l2 < 0.0:
             raise ValueError(f"invalid l2 {l2}")
         # kind lives in the param group so a saved state_dict says what its state means.
-        super().__init__(params, dict(kind=kind, lr=lr, eps=eps, betas=tuple(betas), l2=l2))
+        super().__init__(params, dict(kind=kind, lr=lr, eps=eps, betas=tuple(betas), l2=l2,
+                                      stochastic_rounding=stochastic_rounding))
+        self.salt = 0  # half-precision weights: the rounding's salt of the next step (sharding.rounding)
 
     def init_state(self) -> None:
         """Make every param's state now (zeros), not at its first step, so it can be viewed and loaded."""
@@ -103,12 +106,22 @@ class SparseOptimizer(torch.optim.Optimizer):
             check_optimizer(group["kind"])
             for p in group["params"]:
                 if p.grad is not None:
-                    self._step_param(p, group)
+                    self.update_rows(p, *_touched_rows(p.grad), group)
+        self.salt += 1
         return loss
 
-    def _step_param(self, p: Tensor, group: dict) -> None:
+    @torch.no_grad()
+    def update_rows(self, p: Tensor, rows: Tensor, g: Tensor, group: dict | None = None) -> None:
+        """The update of ``p``'s distinct ``rows`` by their summed gradient ``g`` [len(rows), width]: what
+        ``step`` does with ``p.grad``. Half-precision weights, whose gradient is fp32 rows kept apart (a
+        ``.grad`` has the weight's dtype), are updated by calling it directly, then ``step()`` with no
+        ``.grad`` to advance the rounding's salt.
+
+        fp32 weights are updated in place; fp16/bf16 ones through an fp32 copy of the touched rows,
+        computed exactly as fp32 weights would be and rounded back by ``sharding.rounding.round_to``."""
         if p.dim() != 2:
             raise ValueError(f"sparse optimizer expects [rows, width] weights, got {tuple(p.shape)}")
+        group = group if group is not None else self.param_groups[0]
         kind = group["kind"]
         state = self.state[p]
         if not state:
@@ -116,20 +129,24 @@ class SparseOptimizer(torch.optim.Optimizer):
         if kind == "adam":
             # Counted even when no row is touched, as torch.optim.SparseAdam does.
             state["step"] += 1
-        rows, g = _touched_rows(p.grad)
         if rows.numel() == 0:
             return
+        half = p.dtype != torch.float32
+        # w and at: what the rules below update in place, and where the touched rows are in it
+        w, at = (p.index_select(0, rows).float(), torch.arange(rows.numel())) if half else (p, rows)
         if group.get("l2", 0.0):  # skipped at 0, so runs without it are unchanged bit for bit
             # A multiply then an add, as the Triton kernel rounds them (no fused multiply-add).
-            g = g + group["l2"] * p.index_select(0, rows)
+            g = g + group["l2"] * w.index_select(0, at)
         if kind == "sgd":
-            p.index_add_(0, rows, g, alpha=-group["lr"])
+            w.index_add_(0, at, g, alpha=-group["lr"])
         elif kind == "adagrad":
-            _adagrad(p, rows, g, state["sum"], group)
+            _adagrad(w, at, rows, g, state["sum"], group)
         elif kind == "rowwise_adagrad":
-            _rowwise_adagrad(p, rows, g, state["row_sum"], group)
+            _rowwise_adagrad(w, at, rows, g, state["row_sum"], group)
         else:
-            _adam(p, rows, g, state, group)
+            _adam(w, at, rows, g, state, group)
+        if half:
+            p.index_copy_(0, rows, round_to(w, p.dtype, group.get("stochastic_rounding", True), self.salt))
 
 
 def _init_state(state: dict, p: Tensor, kind: str) -> None:
@@ -138,9 +155,9 @@ def _init_state(state: dict, p: Tensor, kind: str) -> None:
             # float32 like torch's own optimizers; load_state_dict leaves "step" uncast.
             state[name] = torch.tensor(0.0, dtype=torch.float32)
         elif rule == "row":
-            state[name] = p.new_zeros(p.shape[0])
-        else:
-            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[name] = p.new_zeros(p.shape[0], dtype=torch.float32)
+        else:  # fp32 whatever the weights' precision
+            state[name] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
 
 
 def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -160,21 +177,23 @@ def _touched_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     return rows, grad.index_select(0, rows)
 
 
-def _adagrad(p: Tensor, rows: Tensor, g: Tensor, state_sum: Tensor, group: dict) -> None:
+# The rules: ``w[at]`` are the weights of the state's ``rows`` (the same index for fp32 weights updated in
+# place; for half ones, positions in an fp32 copy of those rows).
+def _adagrad(w: Tensor, at: Tensor, rows: Tensor, g: Tensor, state_sum: Tensor, group: dict) -> None:
     s = state_sum.index_select(0, rows).add_(g * g)
     state_sum.index_copy_(0, rows, s)
-    p.index_add_(0, rows, g / s.sqrt_().add_(group["eps"]), alpha=-group["lr"])
+    w.index_add_(0, at, g / s.sqrt_().add_(group["eps"]), alpha=-group["lr"])
 
 
-def _rowwise_adagrad(p: Tensor, rows: Tensor, g: Tensor, row_sum: Tensor, group: dict) -> None:
+def _rowwise_adagrad(w: Tensor, at: Tensor, rows: Tensor, g: Tensor, row_sum: Tensor, group: dict) -> None:
     s = row_sum.index_select(0, rows).add_(g.pow(2).mean(dim=1))
     row_sum.index_copy_(0, rows, s)
     # Same association as fbgemm's CPU kernel: one multiplier per row, then g * multiplier.
     multiplier = group["lr"] / (s.sqrt() + group["eps"])
-    p.index_add_(0, rows, g * multiplier.unsqueeze(1), alpha=-1.0)
+    w.index_add_(0, at, g * multiplier.unsqueeze(1), alpha=-1.0)
 
 
-def _adam(p: Tensor, rows: Tensor, g: Tensor, state: dict, group: dict) -> None:
+def _adam(w: Tensor, at: Tensor, rows: Tensor, g: Tensor, state: dict, group: dict) -> None:
     # Written as torch.optim._functional.sparse_adam computes it (old + (new - old) * (1 - b))
     # so the results agree with torch.optim.SparseAdam bit for bit, not just approximately.
     beta1, beta2 = group["betas"]
@@ -187,4 +206,4 @@ def _adam(p: Tensor, rows: Tensor, g: Tensor, state: dict, group: dict) -> None:
     exp_avg_sq.index_copy_(0, rows, v)
     t = int(state["step"].item())
     step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-    p.index_add_(0, rows, -step_size * m.div_(v.sqrt_().add_(group["eps"])))
+    w.index_add_(0, at, -step_size * m.div_(v.sqrt_().add_(group["eps"])))

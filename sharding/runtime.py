@@ -49,8 +49,9 @@ from sharding.jagged import JaggedBatch
 from sharding.lookup import Placed, TorchLookup, choose_kernel, make_lookup
 from sharding.optim import OptimSpec
 from sharding.plan import validate_plan
+from sharding.rounding import DTYPES
 from sharding.two_level import TwoLevelOutput, assemble
-from sharding.types import Shard, ShardingPlan, ShardingType, TableConfig
+from sharding.types import PRECISIONS, Shard, ShardingPlan, ShardingType, TableConfig
 
 ERR_NONE, ERR_KEYS, ERR_RANGE = 0, 1, 2
 COUNT_FIELDS = 6  # batch size, ids sent, has weights, error code, feature index, bad id
@@ -100,12 +101,25 @@ class InputError(ValueError):
 
 
 class ShardedEmbeddingCollection(nn.Module):
+    """See the module docstring. Precision: each table's weights are stored as ``TableConfig.precision``
+    (replicas of data-parallel tables in fp32: they are small, and their gradients are summed over ranks
+    as fp32 rows), updates rounded stochastically unless ``stochastic_rounding`` is false
+    (``sharding.rounding``; ``set_salt(step)`` each step keeps runs reproducible); ``comm_precision``
+    (forward, backward) is what the pooled vectors and their gradients travel as. ``defer_updates`` (fp16
+    loss scaling): backward updates nothing; ``grads()`` are what ``step()`` will apply, or ``discard()``
+    drops."""
+
     def __init__(self, tables: list[TableConfig], plan: ShardingPlan, rank: int = 0, group=None, seed: int = 0,
                  device: torch.device | str = "cpu", optim: OptimSpec | None = None, kernel: str = "auto",
-                 timer=None, ranks_per_node: int | None = None):
+                 timer=None, ranks_per_node: int | None = None, stochastic_rounding: bool = True,
+                 comm_precision: tuple[str, str] = ("fp32", "fp32"), defer_updates: bool = False):
         super().__init__()
         self.world = world_size(group)
         validate_plan(plan, tables, self.world)
+        bad = [x for x in comm_precision if x not in PRECISIONS]
+        if bad:
+            raise ValueError(f"unknown exchange precision {bad[0]!r}; expected one of {', '.join(PRECISIONS)}")
+        self.comm_dtypes = tuple(DTYPES[x] for x in comm_precision)
         self.tables, self.rank, self.group = list(tables), rank, group
         self.names = [t.name for t in tables]
         self.dims = [t.dim for t in tables]
@@ -116,11 +130,14 @@ class ShardedEmbeddingCollection(nn.Module):
                             for s in plan.tables[t.name].shards if s.rank == d] for d in range(self.world)]
         shapes = [(p.shard.num_rows, p.shard.width) for shards in self.dst_shards for p in shards]
         # Decided from the whole plan, so every rank runs the same kernel.
-        self.kernel, self.kernel_reason = choose_kernel(kernel, shapes, optim, torch.device(device))
-        self.local = make_lookup(self.dst_shards[rank], tables, seed, optim, self.kernel, torch.device(device))
+        precisions = {tables[p.table].precision for shards in self.dst_shards for p in shards}
+        self.kernel, self.kernel_reason = choose_kernel(kernel, shapes, optim, torch.device(device),
+                                                        precisions, defer_updates, stochastic_rounding)
+        self.local = make_lookup(self.dst_shards[rank], tables, seed, optim, self.kernel, torch.device(device),
+                                 stochastic_rounding, defer_updates)
         self.replicated = [i for i, k in enumerate(kinds) if k == ShardingType.DATA_PARALLEL]
         self.replicas = TorchLookup([Placed(i, plan.tables[tables[i].name].shards[0]) for i in self.replicated],
-                                    tables, seed, optim)
+                                    [dataclasses.replace(t, precision="fp32") for t in tables], seed, optim)
         self.optim = optim
         self.recv_width = [sum(p.shard.width for p in shards) for shards in self.dst_shards]
         self.has_mean = any(t.pooling == "mean" for t in tables)
@@ -139,6 +156,9 @@ class ShardedEmbeddingCollection(nn.Module):
         torchrun's LOCAL_WORLD_SIZE; any grouping gives the same results), or None for the flat one."""
         if plan.exchange != "two_level":
             return None
+        if self.comm_dtypes != (torch.float32, torch.float32):
+            raise ValueError("plan.comm_precision applies to the flat output exchange; this plan's two-level "
+                             "one sends fp32: set plan.comm_precision = \"fp32\" or plan a flat exchange")
         return TwoLevelOutput(self.dst_shards, self.dims, self.rank, self.world,
                               ranks_per_node or plan.ranks_per_node, self.group)
 
@@ -355,7 +375,7 @@ class ShardedEmbeddingCollection(nn.Module):
         w_mine = self.recv_width[self.rank]
         flight = AsyncAllToAll(pooled.reshape(-1), [b * w_mine for b in inc.batch_sizes],
                                [inc.batch_size * w for w in self.recv_width], self.group,
-                               report=self._exchanged if self.timer is not None else None)
+                               report=self._exchanged if self.timer is not None else None, dtypes=self.comm_dtypes)
         return OutputDist(self, flight, replicas, inc.sparse)
 
     def _exchanged(self, name: str, ex: Exchange) -> None:
@@ -400,10 +420,26 @@ class ShardedEmbeddingCollection(nn.Module):
         self.replicas.set_lr(lr)
         self.optim = dataclasses.replace(self.optim, lr=lr)
 
+    def set_salt(self, salt: int) -> None:
+        """The stochastic rounding's salt of this step's updates (the trainer passes the step number)."""
+        self.local.set_salt(salt)
+        self.replicas.set_salt(salt)
+
     def step(self) -> None:
-        """Apply the sparse optimizer where backward has not already (torch kernel, replicas)."""
+        """Apply the sparse optimizer where backward has not already (torch kernel, replicas, and every
+        kernel with ``defer_updates``)."""
         self.local.step()
         self.replicas.step()
+
+    def grads(self) -> list[torch.Tensor]:
+        """The gradient values ``step`` will apply here, writable (a loss scale checks them for overflow
+        and unscales them in place before the step)."""
+        return self.local.grads() + self.replicas.grads()
+
+    def discard(self) -> None:
+        """Drop this step's gradients: the next ``step`` changes no row and no optimizer state."""
+        self.local.discard()
+        self.replicas.discard()
 
     def held_shards(self) -> list[tuple[str, Shard, torch.Tensor, dict[str, torch.Tensor]]]:
         """(table, shard, its rows here, its optimizer state) for every shard and replica held here;

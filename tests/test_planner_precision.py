@@ -23,7 +23,7 @@ from tests.conftest import REPO
 from tests.test_planner import simple_topology, work
 from tests.test_plan_cmd import TERABYTE, plan_cli
 
-KINDS = [ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.COLUMN_WISE, ShardingType.DATA_PARALLEL]
+KINDS = [ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.COLUMN_WISE]
 
 
 def tables(precision: str, n: int = 4) -> list[TableConfig]:
@@ -49,6 +49,14 @@ def test_half_storage_halves_the_weights_and_keeps_the_optimizer_state(kind, hal
         assert r16.memory.weights == r32.memory.weights / 2 > 0
         assert r16.memory.optimizer == r32.memory.optimizer > 0
         assert r16.memory.workspace == r32.memory.workspace  # fp32: gradients and the optimizer's copies
+
+
+@pytest.mark.parametrize("half", ["fp16", "bf16"])
+def test_data_parallel_replicas_are_counted_in_fp32_as_the_runtime_keeps_them(half):
+    topo, w, kind = simple_topology(), pooled(), ShardingType.DATA_PARALLEL
+    shard = Shard(None, 0, 1000, 0, 16)
+    full, halved = (piece_cost(t[0], shard, kind, w, topo) for t in (tables("fp32"), tables(half)))
+    assert halved == full and full.weights == 1000 * 16 * FP32_BYTES
 
 
 def test_a_half_table_reads_and_writes_half_rows_and_pools_in_fp32():

@@ -29,11 +29,24 @@ def test_precision_note_warns_only_where_bf16_is_emulated():
     assert precision_note("fp32", "cpu", set()) == ("precision: fp32", "")
 
 
-def test_fp16_is_refused_by_name(tmp_path):
+def test_unknown_precisions_and_fp16_under_horovod_are_refused_in_one_line(tmp_path):
     path = tmp_path / "x.toml"
-    path.write_text("[train]\nprecision = \"fp16\"\n")
-    with pytest.raises(ConfigError, match=r"train\.precision = 'fp16' is not one of fp32, bf16"):
+    path.write_text("[train]\nprecision = \"fp8\"\n")
+    with pytest.raises(ConfigError, match=r"train\.precision = 'fp8' is not one of fp32, bf16, fp16"):
         load_config(str(path))
+    with pytest.raises(ConfigError, match=r"tables\.precisions has 'int8', which is not one of fp32, fp16, bf16"):
+        load_config(None, ["--schema.preset=none", '--schema.categorical=["a"]', '--tables.precisions=["int8"]'])
+    with pytest.raises(ConfigError, match=r"train\.precision = \"fp16\" needs dense\.engine = \"ddp\""):
+        load_config(None, ["--train.precision=fp16", "--dense.engine=horovod"])
+    with pytest.raises(ConfigError, match=r"plan\.dense_comm_precision = 'bf16' needs dense\.engine = \"ddp\""):
+        load_config(None, ["--plan.dense_comm_precision=bf16", "--dense.engine=horovod"])
+
+
+def test_precision_note_for_fp16_says_what_this_cpu_gains():
+    line, warning = precision_note("fp16", "cpu", cpu_flags(XEON))
+    assert line.startswith("precision: fp16 autocast over the bottom MLP") and line.endswith("dynamic loss scaling")
+    assert "runs about as fast as fp32; bf16 is the fast half type on CPUs" in warning  # no amx_fp16 there
+    assert precision_note("fp16", "cpu", {"amx_fp16"})[1] == ""
 
 
 def test_bf16_trains_two_ranks_beside_fp32(small_data, tmp_path):

@@ -132,8 +132,9 @@ class DLRM(nn.Module):
         DLRM(13, embeddings, [64, 16], [64, 32], "cat", dropout=0.1, norm="layer", fm=True)
 
     ``overlap``: run the bottom MLP while the pooled embeddings are exchanged (same results either way).
-    ``precision="bf16"``: the bottom MLP, the interaction, the top MLP (and FM) under bf16 autocast; the
-    embeddings and their exchange stay fp32, and the logit is returned in fp32 for an fp32 loss.
+    ``precision="bf16"`` or ``"fp16"``: the bottom MLP, the interaction, the top MLP (and FM) under that
+    autocast; the pooled embeddings come in fp32, and the logit is returned in fp32 for an fp32 loss (fp16
+    needs the trainer's loss scaling: ``distrec.trainer.loss_scale``).
     """
 
     def __init__(self, num_dense: int, embeddings: EmbeddingPart, bottom_mlp: list[int], top_mlp: list[int],
@@ -176,8 +177,9 @@ class DLRM(nn.Module):
             return self.bottom(dense)
 
     def _compute(self, like: torch.Tensor) -> torch.autocast:
-        """The dense part's precision: bf16 autocast on ``like``'s device, or fp32 (autocast off)."""
-        return torch.autocast(like.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        """The dense part's precision: bf16 or fp16 autocast on ``like``'s device, or fp32 (autocast off)."""
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(like.device.type, dtype=dtype, enabled=self.precision != "fp32")
 
     def dense_parameters(self) -> list[nn.Parameter]:
         skip = {id(p) for p in self.embeddings.parameters()}

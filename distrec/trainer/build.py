@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distrec.config import Config, ConfigError, table_specs
+from distrec.config import Config, ConfigError, PlanConfig, table_specs
 from distrec.data.manifest import check_schema
 from distrec.model.dlrm import DLRM
 from distrec.trainer.dist import DistContext
@@ -19,6 +19,12 @@ from distrec.trainer.plan_choice import ChosenPlan, choose_plan
 from distrec.trainer.plan_inputs import tables_of
 from sharding.runtime import ShardedEmbeddingCollection
 from sharding.types import ShardingPlan, TableConfig
+
+
+def comm_precision(plan: PlanConfig) -> tuple[str, str]:
+    """(forward, backward) precisions of the pooled-embedding exchange."""
+    backward = plan.comm_precision if plan.comm_precision_backward == "same" else plan.comm_precision_backward
+    return plan.comm_precision, backward
 
 
 def check_cardinalities(cfg: Config, manifest: dict, specs) -> None:
@@ -54,6 +60,8 @@ def build_model(cfg: Config, ctx: DistContext, manifest: dict, timer=None) -> Bu
     torch.manual_seed(cfg.train.seed)
     embeddings = ShardedEmbeddingCollection(tables, plan, rank=ctx.rank, group=ctx.group, seed=cfg.train.seed,
                                             device=ctx.device, optim=sparse_spec(cfg.optimizer), kernel=cfg.plan.kernel,
-                                            timer=timer)
+                                            timer=timer, stochastic_rounding=cfg.tables.stochastic_rounding,
+                                            comm_precision=comm_precision(cfg.plan),
+                                            defer_updates=cfg.train.precision == "fp16")
     model = DLRM.from_config(cfg, embeddings).to(ctx.device)
     return Built(specs, tables, plan, chosen, embeddings, model, make_optimizers(cfg.optimizer, model))

@@ -43,7 +43,7 @@ class OneProcess:
     def shutdown(self) -> None:
         pass
 
-    def wrap_dense(self, model, optimizers: list, timer=None):
+    def wrap_dense(self, model, optimizers: list, timer=None, comm_precision: str = "fp32"):
         return model, optimizers
 
 
@@ -72,8 +72,8 @@ class TorchDistributed(OneProcess):
     def shutdown(self) -> None:
         close_process_group()
 
-    def wrap_dense(self, model, optimizers: list, timer=None):
-        return ddp_dense(model, optimizers, timer)
+    def wrap_dense(self, model, optimizers: list, timer=None, comm_precision: str = "fp32"):
+        return ddp_dense(model, optimizers, timer, comm_precision)
 
 
 class Horovod(OneProcess):
@@ -97,7 +97,8 @@ class Horovod(OneProcess):
     def shutdown(self) -> None:
         self.hvd.shutdown()
 
-    def wrap_dense(self, model, optimizers: list, timer=None):
+    def wrap_dense(self, model, optimizers: list, timer=None, comm_precision: str = "fp32"):
+        # config validation refuses bf16 here: Horovod compresses gradients to fp16 only
         return horovod_dense(model, optimizers, self.hvd)
 
 

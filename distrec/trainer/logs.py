@@ -52,6 +52,12 @@ class MetricsLog:
         self._write({"kind": "eval", "step": step, "auc": auc, "logloss": logloss, "rows": rows})
         self.info(f"eval step {step}: auc {auc:.4f} logloss {logloss:.4f} over {rows:,} rows")
 
+    def skipped_step(self, step: int, new_scale: float, skipped: int) -> None:
+        """fp16: step ``step``'s gradients overflowed on some rank, so it updated nothing."""
+        self._write({"kind": "skip", "step": step, "loss_scale": new_scale, "skipped": skipped})
+        self.info(f"step {step}: gradients overflowed in fp16; the step updated nothing and the loss scale is "
+                  f"now {new_scale:g} ({skipped} skipped so far)")
+
     def record(self, record: dict) -> None:
         """Another kind of line for metrics.jsonl (e.g. the plan check)."""
         self._write(record)

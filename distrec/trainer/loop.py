@@ -30,7 +30,7 @@ def samples_seen(pos: Position, loader: ParquetLoader) -> int:
 
 
 def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos, total, log, timer=None,
-               best=None, schedule=None) -> dict:
+               best=None, schedule=None, scaler=None) -> dict:
     window, G, since_log = Window(), train_loader.global_batch_size, 0
     stopped = lambda: best is not None and best.stopped  # noqa: E731
     schedule = schedule or Schedule(cfg.optimizer)
@@ -44,7 +44,11 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
             global_size = min(G, train_loader.num_rows - pos.batch * G)
             set_lr(schedule, pos.step, optimizers, log)
             started = time.perf_counter()
-            window.loss_sum += train_step(ddp, model.embeddings, step_opts, batch, global_size)
+            model.embeddings.set_salt(pos.step)  # half tables round by the step: reproducible, resumable
+            skipped = scaler.skipped if scaler is not None else 0
+            window.loss_sum += train_step(ddp, model.embeddings, step_opts, batch, global_size, scaler)
+            if scaler is not None and scaler.skipped > skipped:
+                log.skipped_step(pos.step, scaler.scale, scaler.skipped)
             if timer is not None:
                 timer.end_step(time.perf_counter() - started)
             window.rows += len(batch)
@@ -59,10 +63,11 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
             with window.paused():
                 evaluated = bool(cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0 and not last)
                 if evaluated:
-                    result = evaluation(cfg, ctx, model, optimizers, eval_loader, pos, log, best, schedule)
+                    result = evaluation(cfg, ctx, model, optimizers, eval_loader, pos, log, best, schedule,
+                                        scaler=scaler)
                 if cfg.checkpoint.dir and cfg.checkpoint.every_steps and pos.step % cfg.checkpoint.every_steps == 0 \
                         and not last and not (evaluated and best):  # with best on, the evaluation saved it
-                    checkpoint(cfg, ctx, model, optimizers, pos, schedule)
+                    checkpoint(cfg, ctx, model, optimizers, pos, schedule, scaler)
             if last or stopped():
                 break
         if pos.batch >= train_loader.num_batches():
@@ -71,13 +76,14 @@ def train_loop(cfg, ctx, ddp, model, optimizers, train_loader, eval_loader, pos,
         log.train_window(pos.step, samples_seen(pos, train_loader), *window.close(ctx, since_log),
                          pipelined=pipeline)
     if not stopped():  # an early stop has just evaluated and saved this model
-        result = evaluation(cfg, ctx, model, optimizers, eval_loader, pos, log, best, schedule, final=True)
+        result = evaluation(cfg, ctx, model, optimizers, eval_loader, pos, log, best, schedule, final=True,
+                            scaler=scaler)
     return {**result, "step": pos.step,
             "samples_per_s": window.trained / window.train_time if window.train_time else 0.0}
 
 
 def evaluation(cfg: Config, ctx: DistContext, model, optimizers, eval_loader, pos: Position, log, best, schedule,
-               final: bool = False) -> dict:
+               final: bool = False, scaler=None) -> dict:
     """Evaluate and log; with ``best``, save and track it too; the final one is saved in any case."""
     result = evaluate(model, eval_loader, ctx)
     log.evaluation(pos.step, **result)
@@ -85,7 +91,7 @@ def evaluation(cfg: Config, ctx: DistContext, model, optimizers, eval_loader, po
     # at a periodic step counts as that periodic one, so stopping there and resuming changes nothing.
     if not final or (cfg.eval.every_steps and pos.step % cfg.eval.every_steps == 0):
         schedule.evaluated(result)
-    save = lambda: checkpoint(cfg, ctx, model, optimizers, pos, schedule)  # noqa: E731
+    save = lambda: checkpoint(cfg, ctx, model, optimizers, pos, schedule, scaler)  # noqa: E731
     if best is not None:
         best.after_evaluation(pos, result, save, log, final)
     elif final and cfg.checkpoint.dir:
@@ -100,8 +106,8 @@ def set_lr(schedule: Schedule, step: int, optimizers, log: MetricsLog) -> None:
         log.record({"kind": "lr", "step": step, "dense_lr": changed[0], "sparse_lr": changed[1]})
 
 
-def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position, schedule=None) -> None:
-    common, own = training_state(model, model.embeddings, optimizers, pos, ctx, to_dict(cfg), schedule)
+def checkpoint(cfg: Config, ctx: DistContext, model, optimizers, pos: Position, schedule=None, scaler=None) -> None:
+    common, own = training_state(model, model.embeddings, optimizers, pos, ctx, to_dict(cfg), schedule, scaler)
     save_sharded(cfg.checkpoint.dir, pos.step, common, own, ctx, keep=cfg.checkpoint.keep)
 
 

@@ -68,11 +68,12 @@ def check_shapes(ckpt: Checkpoint, model: nn.Module, embeddings) -> None:
 
 
 def training_state(model: nn.Module, embeddings, optimizers, pos: Position, ctx: DistContext,
-                   config: dict, schedule=None) -> tuple[dict | None, dict]:
+                   config: dict, schedule=None, scaler=None) -> tuple[dict | None, dict]:
     """(what rank 0 saves for all: dense model and optimizer, position, config; None on other ranks,
     what this rank saves: its embedding shards with their global rows and columns, and its RNG state).
     Shards carry global offsets, so the state loads under another plan or world size. ``schedule``
-    (distrec.trainer.schedule.Schedule) adds what a plateau schedule has seen."""
+    (distrec.trainer.schedule.Schedule) adds what a plateau schedule has seen, ``scaler``
+    (distrec.trainer.loss_scale.LossScale) fp16's loss scale."""
     own = {"shards": export_shards(embeddings), "rng": rng_state()}
     if not ctx.is_main:
         return None, own
@@ -81,18 +82,21 @@ def training_state(model: nn.Module, embeddings, optimizers, pos: Position, ctx:
               "world_size": ctx.world_size, "config": config}
     if schedule is not None:
         common["schedule"] = schedule.state_dict()
+    if scaler is not None:
+        common["loss_scale"] = scaler.state_dict()
     return common, own
 
 
 def restore(ckpt: Checkpoint, model: nn.Module, embeddings, optimizers, ctx: DistContext,
-            schedule=None) -> Position:
+            schedule=None, scaler=None) -> Position:
     """Load a checkpoint saved under any plan and world size; each rank reads only the rank files that
     hold rows of its own shards. The learning rates are not taken from it: the next
     ``schedule.apply`` sets the configured ones (times the schedule's factor)."""
-    return agreed(ctx, _restore, ckpt, model, embeddings, optimizers, ctx.rank, schedule)
+    return agreed(ctx, _restore, ckpt, model, embeddings, optimizers, ctx.rank, schedule, scaler)
 
 
-def _restore(ckpt: Checkpoint, model: nn.Module, embeddings, optimizers, rank: int, schedule=None) -> Position:
+def _restore(ckpt: Checkpoint, model: nn.Module, embeddings, optimizers, rank: int, schedule=None,
+             scaler=None) -> Position:
     check_shapes(ckpt, model, embeddings)
     common = ckpt.common
     model.load_state_dict(common["dense"], strict=False)  # strict=False: the embeddings load from shards
@@ -102,6 +106,8 @@ def _restore(ckpt: Checkpoint, model: nn.Module, embeddings, optimizers, rank: i
         schedule.applied = None
         if "schedule" in common:  # checkpoints from before schedules have none: a fresh plateau
             schedule.load_state_dict(common["schedule"])
+    if scaler is not None and "loss_scale" in common:  # else (an fp32 or bf16 run's checkpoint) a fresh scale
+        scaler.load_state_dict(common["loss_scale"])
     wanted = [(name, (s.row_start, s.row_end), (s.col_start, s.col_end)) for name, s, _, _ in embeddings.held_shards()]
     try:
         import_shards(embeddings, ckpt.pieces(wanted))

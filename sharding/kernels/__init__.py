@@ -46,6 +46,12 @@ class TableBatchedEmbedding(nn.Module):
     stochastic_rounding: bool = True
     salt: int = 0
 
+    def __init__(self):
+        super().__init__()
+        # deferred (fp16 loss scaling, sharding.lookup.BatchedLookup): backward appends (grad, indices,
+        # offsets, per_sample_weights) to ``pending`` instead of updating; the caller applies or drops it
+        self.deferred, self.pending = False, []
+
     def set_salt(self, salt: int) -> None:
         """The stochastic rounding's salt for the next backward (the training step: a resumed or sharded
         run rounds exactly as an uninterrupted single-process one)."""
@@ -91,5 +97,8 @@ class _FusedLookup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         indices, offsets, per_sample_weights = ctx.saved_tensors
-        ctx.tbe.apply_gradient(grad, indices, offsets, per_sample_weights)
+        if ctx.tbe.deferred:
+            ctx.tbe.pending.append((grad, indices, offsets, per_sample_weights))
+        else:
+            ctx.tbe.apply_gradient(grad, indices, offsets, per_sample_weights)
         return None, None, None, None, None

@@ -87,8 +87,11 @@ class PieceCost(NamedTuple):
         return self.weights + self.optimizer + self.workspace + self.buffers
 
 
-def weight_bytes(t: TableConfig) -> int:
-    """Bytes of one stored weight of ``t``: 4 in fp32, 2 in fp16 or bf16 (``BYTES_PER_ELEMENT``)."""
+def weight_bytes(t: TableConfig, kind: ShardingType | None = None) -> int:
+    """Bytes of one stored weight of ``t``: 4 in fp32, 2 in fp16 or bf16 (``BYTES_PER_ELEMENT``); a
+    data-parallel replica's are 4 whatever ``t.precision`` (sharding.runtime keeps replicas in fp32)."""
+    if kind is not None and RULES[kind].replicated:
+        return FP32_BYTES
     return BYTES_PER_ELEMENT[t.precision]
 
 
@@ -126,7 +129,7 @@ def touched_rows(t: TableConfig, p: Shard, kind: ShardingType, work: Workload, w
 def lookup_bytes(t: TableConfig, p: Shard, kind: ShardingType, work: Workload, world: int) -> tuple[float, float]:
     """(forward, backward) bytes a shard's lookup and fused update move per step."""
     ids, bags = ids_and_bags(t, p, kind, work, world)
-    stored, pooled = p.width * weight_bytes(t), p.width * FP32_BYTES  # a row as stored; an fp32 sum or gradient
+    stored, pooled = p.width * weight_bytes(t, kind), p.width * FP32_BYTES  # a row as stored; an fp32 sum or gradient
     touched = touched_rows(t, p, kind, work, world)
     forward = ids * stored + bags * pooled
     backward = bags * pooled + ids * (pooled + SPARSE_GRAD_INDEX_BYTES) \
@@ -149,13 +152,12 @@ def piece_cost(t: TableConfig, p: Shard, kind: ShardingType, work: Workload, top
     touched = touched_rows(t, p, kind, work, world)
     forward, backward = lookup_bytes(t, p, kind, work, world)
     lookup_rate = topo.hbm_bw_bytes_per_s * topo.lookup_efficiency
-    held = dict(weights=float(p.num_rows * p.width * weight_bytes(t)),
+    held = dict(weights=float(p.num_rows * p.width * weight_bytes(t, kind)),
                 optimizer=float(optimizer_bytes(work.optimizer, p.num_rows, p.width)),
                 workspace=ids * (row + SPARSE_GRAD_INDEX_BYTES) + touched * row * TOUCHED_ROW_COPIES,
                 lookup_fwd_s=forward / lookup_rate)
     if RULES[kind].replicated:
-        # sync_replica_grads: rows x (width + touched flag), fp32 whatever the storage: the gradient is
-        # fp32 (the buffer takes the weight's dtype there, so a half replica must keep an fp32 buffer).
+        # sync_replica_grads: rows x (width + touched flag), fp32 like the replica itself.
         reduced = p.num_rows * (p.width + 1) * FP32_BYTES
         return PieceCost(**held, buffers=reduced + 2 * bags * row,
                          lookup_bwd_s=backward / lookup_rate + replica_sync_bytes(t, p, work) / topo.replica_bytes_per_s,

@@ -72,13 +72,15 @@ def whole_tables(pieces: list[dict], kind: str) -> list[dict]:
 
 @torch.no_grad()
 def recut(pieces: list[dict], targets: list[tuple[str, Shard]], kind: str) -> list[dict]:
-    """The same values cut along other shard boundaries: one piece per (table, shard) in ``targets``.
+    """The same values cut along other shard boundaries: one piece per (table, shard) in ``targets``,
+    weights in the dtype they were saved in (a half-precision table stays half), state in fp32.
 
     recut(saved, [("C1", Shard(0, 0, 1000, 0, 16))], "adagrad")   # C1 whole, for one process
     """
+    dtypes = {p["table"]: p["weight"].dtype for p in pieces}
     out = []
     for name, s in targets:
-        weight = torch.zeros(s.num_rows, s.width)
+        weight = torch.zeros(s.num_rows, s.width, dtype=dtypes.get(name, torch.float32))
         state = {}
         for key, rule in state_names(kind).items():
             state[key] = torch.tensor(0.0) if rule == "scalar" else (

@@ -292,3 +292,39 @@ def test_fp16_training_skips_logs_and_resumes_with_its_loss_scale(small_data, tm
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert not [x for x in resumed if x["kind"] == "skip"]  # the resumed scale fits: a fresh 1e12 would not
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", HALVES)
+def test_half_tables_keep_their_precision_through_checkpoints_and_resharding(small_data, tmp_path, precision):
+    """Trained on 2 ranks with half tables: the checkpoint, `reshard --unsharded`, `reshard --world-size 3`
+    and a resume on 1 rank (which saves again at its end) all hold the same half-precision values, bit for
+    bit: a copy between tensors of one dtype rounds nothing."""
+    from distrec.train import main as train_main
+    from distrec.trainer.checkpoint import load_latest, open_latest
+    from sharding.checkpoint import whole_tables
+
+    cfg_path, data = small_data
+    args = ["--config", str(cfg_path), f"--data.path={data}", f"--tables.precision={precision}",
+            "--train.global_batch_size=252", "--plan.default=row_wise"]
+    r = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distrec.train", *args,
+                "--train.max_steps=5", f"--checkpoint.dir={tmp_path / 'two'}", f"--logging.dir={tmp_path / 'l2'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"tables: {precision} (all), updates rounded stochastically" in r.stdout
+    saved = {p["table"]: p["weight"] for p in whole_tables(load_latest(tmp_path / "two")["shards"], "adagrad")}
+    assert {w.dtype for w in saved.values()} == {DTYPES[precision]}
+    r = run_cli("-m", "distrec", "reshard", "--checkpoint", str(tmp_path / "two"), "--out", str(tmp_path / "m.pt"),
+                "--unsharded")
+    assert r.returncode == 0, r.stderr
+    exported = torch.load(tmp_path / "m.pt", weights_only=False)["tables"]
+    assert all(exported[n].dtype == DTYPES[precision] and torch.equal(exported[n], w) for n, w in saved.items())
+    r = run_cli("-m", "distrec", "reshard", "--checkpoint", str(tmp_path / "two"), "--out", str(tmp_path / "three"),
+                "--world-size", "3")
+    assert r.returncode == 0, r.stderr
+    three = open_latest(tmp_path / "three")
+    assert {p["weight"].dtype for rank in range(3) for p in three.rank_state(rank)["shards"]} == {DTYPES[precision]}
+    assert train_main([*args, "--train.max_steps=5", "--checkpoint.resume=true", f"--checkpoint.dir={tmp_path / 'two'}",
+                       f"--logging.dir={tmp_path / 'l1'}"]) == 0  # resumed at step 5 of 5: loads, evaluates, saves
+    again = {p["table"]: p["weight"] for p in whole_tables(load_latest(tmp_path / "two")["shards"], "adagrad")}
+    assert all(again[n].dtype == DTYPES[precision] and torch.equal(again[n], w) for n, w in saved.items())

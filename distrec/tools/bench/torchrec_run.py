@@ -5,7 +5,8 @@ config's DLRM on the same data, batches, sample budget and table placement as ``
         --data.path=DIR --train.max_steps=20 --strategy row_wise --result out.json
 
 Embeddings: TorchRec's fused fbgemm CPU kernel with exact Adagrad (the config's sparse lr and eps); dense
-part under DDP with the config's dense optimizer. The plan is distrec's: ``--strategy`` is a built-in
+part under DDP with the config's dense optimizer; with ``train.precision = "bf16"`` the model's forward runs
+under bf16 autocast as distrec's dense part does (fbgemm's lookup has no autocast rule: it stays fp32). The plan is distrec's: ``--strategy`` is a built-in
 placement or a plan file from ``distrec plan --json``, translated table by table. Rank 0 writes the
 result before tearing down, because TorchRec processes may abort at exit after the work is done.
 """
@@ -111,13 +112,21 @@ class Optimizers:
             opt.zero_grad(set_to_none=set_to_none)
 
 
+def forward(cfg, dmp, batch) -> torch.Tensor:
+    """fp32 logits [batch]; the model under bf16 autocast when the config trains in bf16."""
+    if cfg.train.precision not in ("fp32", "bf16"):
+        raise ValueError(f"the TorchRec peer runs fp32 or bf16, not train.precision = {cfg.train.precision!r}")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+        return dmp(batch.dense, batch.sparse.to_kjt()).squeeze(1).float()
+
+
 def train(cfg, dmp, opt, loader, steps: int) -> float:
     """Seconds for ``steps`` global batches (data wait included, as in distrec.train's samples/s)."""
     dist.barrier()
     start, done = time.perf_counter(), 0
     while done < steps:
         for batch in loader.epoch(done // max(loader.num_batches(), 1)):
-            logits = dmp(batch.dense, batch.sparse.to_kjt()).squeeze(1)
+            logits = forward(cfg, dmp, batch)
             loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
             loss.backward()  # the fused kernel updates the embedding rows during backward
             opt.step()
@@ -129,13 +138,13 @@ def train(cfg, dmp, opt, loader, steps: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(dmp, loader, ctx) -> dict:
+def evaluate(cfg, dmp, loader, ctx) -> dict:
     from distrec.trainer.metrics import auc, gather_predictions, logloss
 
     dmp.eval()
     probs, labels = [], []
     for batch in loader.epoch(0):
-        probs.append(torch.sigmoid(dmp(batch.dense, batch.sparse.to_kjt()).squeeze(1)))
+        probs.append(torch.sigmoid(forward(cfg, dmp, batch)))
         labels.append(batch.labels)
     p, y = gather_predictions(torch.cat(probs), torch.cat(labels), ctx)
     return {"auc": auc(p, y), "logloss": logloss(p, y), "rows": int(y.size)}
@@ -159,7 +168,7 @@ def run(cfg, strategy: str, result_path: str) -> None:
     dmp = build(cfg, tables, plan, world)
     opt = Optimizers(cfg, dmp)
     seconds = train(cfg, dmp, opt, make_loader(cfg, manifest, cfg.data.train_split, ctx, True), cfg.train.max_steps)
-    metrics = evaluate(dmp, make_loader(cfg, manifest, cfg.data.eval_split, ctx, False), ctx)
+    metrics = evaluate(cfg, dmp, make_loader(cfg, manifest, cfg.data.eval_split, ctx, False), ctx)
     per_rank = all_gather_object([seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024], ctx)
     if rank == 0:
         slowest = max(s for s, _ in per_rank)

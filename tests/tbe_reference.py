@@ -8,6 +8,9 @@ tests/test_cpu_tbe.py share them.
 
 Lookups draw rows below ``rows - UNTOUCHED`` only, so every table's last rows are never touched; a few
 hot rows make ids repeat within and across bags; some bags are empty.
+
+Batches are made on the CPU; the steps move them to the device of the kernel or of the reference's
+tables, so the same checks hold a kernel on CUDA against the reference on CUDA (benchmarks/gpu_check.py).
 """
 from __future__ import annotations
 
@@ -36,6 +39,15 @@ OPTIM = dict(lr=0.05, eps=0.1, betas=(0.9, 0.999))
 # With N_STEP = 39 over 3 steps an element is held to ~3e-5 of how far it moved; a missed or misplaced
 # update is off by a whole update (~LR = 0.05 for the Adagrads and Adam, LR * |g| for SGD).
 N_STEP = BATCH * MAX_BAG + 4
+
+
+def on(device, *tensors):
+    """``tensors`` on ``device`` (None stays None)."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+def device_of(tbe: TableBatchedEmbedding) -> torch.device:
+    return tbe.table_weights()[0].device
 
 
 def make_batch(seed: int, weighted: bool, shapes=SHAPES, batch: int = BATCH, max_bag: int = MAX_BAG):
@@ -95,9 +107,9 @@ class Reference:
         saved = self.params
         try:
             self.params = [nn.Parameter(p.detach().abs()) for p in saved]
-            own = sum_tol(self.forward(indices, offsets, psw).detach(), self.max_bag)
+            own = sum_tol(self.forward(*on(self.start[0].device, indices, offsets, psw)).detach(), self.max_bag)
             self.params = [nn.Parameter(self.weight_tol(t)) for t in range(len(saved))]
-            return own + self.forward(indices, offsets, psw).detach()
+            return own + self.forward(*on(self.start[0].device, indices, offsets, psw)).detach()
         finally:
             self.params = saved
 
@@ -121,6 +133,7 @@ class Reference:
         return torch.cat(outs, dim=1)
 
     def train_step(self, indices, offsets, psw, upstream) -> torch.Tensor:
+        indices, offsets, psw, upstream = on(self.start[0].device, indices, offsets, psw, upstream)
         self.opt.zero_grad(set_to_none=True)
         before = [p.detach().clone() for p in self.params]
         out = self.forward(indices, offsets, psw)
@@ -140,6 +153,7 @@ class Reference:
 
 
 def train_step(tbe: TableBatchedEmbedding, indices, offsets, psw, upstream) -> torch.Tensor:
+    indices, offsets, psw, upstream = on(device_of(tbe), indices, offsets, psw, upstream)
     out = tbe(indices, offsets, psw)
     (out * upstream).sum().backward()
     return out.detach()
@@ -186,16 +200,16 @@ def train_with_l2_and_a_changed_lr_against(tbe, ref, fresh: TableBatchedEmbeddin
     assert all(torch.equal(u, f[-UNTOUCHED:]) for u, f in zip(untouched, fresh.table_weights()))
 
 
-def check_sharded_collection_matches_torch_kernel(kernel: str, kind: str) -> None:
-    """The runtime's lookup on ``kernel`` (one rank, test_sharded's mixed plan) against its plain-PyTorch one:
-    pooled outputs over two steps, then the tables."""
+def check_sharded_collection_matches_torch_kernel(kernel: str, kind: str, device="cpu") -> None:
+    """The runtime's lookup on ``kernel`` (one rank, test_sharded's mixed plan) against its plain-PyTorch one,
+    both on ``device``: pooled outputs over two steps, then the tables."""
     from sharding.runtime import ShardedEmbeddingCollection
     from tests.test_sharded import TABLES, make_batch as sharded_batch, make_plan
 
     results = {}
     for name in (kernel, "torch"):
         emb = ShardedEmbeddingCollection(TABLES, make_plan(1, kind, "torch"), seed=0, optim=OptimSpec(kind, 0.1),
-                                         kernel=name)
+                                         kernel=name, device=device)
         assert emb.kernel == name
         pooled = []
         start = [w.abs() for _, _, w in emb.shard_weights()]
@@ -203,6 +217,7 @@ def check_sharded_collection_matches_torch_kernel(kernel: str, kind: str) -> Non
         for step in range(2):
             before = [w.clone() for _, _, w in emb.shard_weights()]
             jb, upstream = sharded_batch(step)
+            jb, upstream = jb.to(device), upstream.to(device)
             out = emb(jb)
             (out * upstream).sum().backward()
             emb.sync_replica_grads()
@@ -272,7 +287,8 @@ def check_sub_ulp_updates_survive(make_tbe, dtype: torch.dtype, steps: int = 64)
         start = (0.625 + step_ulp * torch.arange(64, dtype=torch.float32)).view(16, 4)
         with torch.no_grad():
             tbe.table_weights()[0].copy_(start)  # exact in dtype: 0.625 + j ulp, all below 1
-        indices, offsets = torch.arange(16), torch.arange(17)
+        start = start.to(device_of(tbe))
+        indices, offsets = on(device_of(tbe), torch.arange(16), torch.arange(17))
         for _ in range(steps):
             out = tbe(indices, offsets)
             (out * (0.1 * step_ulp)).sum().backward()  # each element's gradient: 0.1 ulp; lr = 1

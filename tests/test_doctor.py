@@ -133,3 +133,11 @@ def test_version_flag_prints_the_package_version():
     proc = run_distrec("--version")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"distrec {version}"
+
+
+def test_gpu_half_precision_follows_the_compute_capability():
+    from distrec.tools.doctor import gpu_half
+
+    assert gpu_half(9, 0) == "sm_90: fp16 and bf16 tensor cores"  # H100, H200
+    assert gpu_half(7, 0) == "sm_70: fp16 tensor cores"  # V100: no bf16
+    assert gpu_half(6, 1) == "sm_61: no half-precision tensor cores"

@@ -246,10 +246,18 @@ def _backends(dist) -> str:
 def _gpus(torch) -> tuple[int, str]:
     try:
         count = torch.cuda.device_count()
-        names = [torch.cuda.get_device_name(i) for i in range(count)]
+        names = [f"{torch.cuda.get_device_name(i)} ({gpu_half(*torch.cuda.get_device_capability(i))})"
+                 for i in range(count)]
     except Exception as e:  # a broken driver raises from here; report it as no GPU
         return 0, f"0 ({type(e).__name__}: {e})"
     return count, f"{count}" + (f": {', '.join(names)}" if names else "")
+
+
+def gpu_half(major: int, minor: int) -> str:
+    """What a GPU of compute capability major.minor does in half precision: ``gpu_half(9, 0)``."""
+    # Tensor Cores take fp16 from sm_70 (Volta) and bf16 from sm_80 (Ampere); before that half is emulated.
+    kinds = [k for k, since in (("fp16", 7), ("bf16", 8)) if major >= since]
+    return f"sm_{major}{minor}: " + (f"{' and '.join(kinds)} tensor cores" if kinds else "no half-precision tensor cores")
 
 
 def _row(label: str, text: str) -> None:

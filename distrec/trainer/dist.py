@@ -133,9 +133,19 @@ def pick_device(pref: str, local_rank: int) -> torch.device:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("train.device = 'cuda' but torch sees no GPU; use 'cpu' or 'auto'")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        # More ranks on a node than GPUs (a check of the multi-rank paths on one GPU): they share them in turn
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def backend_for(device: torch.device, local_world: int) -> str:
+    """NCCL for CUDA ranks with a GPU each; gloo on CPU, and for CUDA ranks sharing a GPU (NCCL refuses
+    two ranks on one device; gloo exchanges CUDA tensors through host memory)."""
+    if device.type != "cuda" or local_world > torch.cuda.device_count():
+        return "gloo"
+    return "nccl"
 
 
 def import_horovod():
@@ -166,9 +176,9 @@ def init_distributed(device_pref: str = "auto", engine: str = "ddp") -> DistCont
     device = pick_device(device_pref, local_rank)
     if world == 1 and "MASTER_ADDR" not in os.environ:
         return DistContext(0, 1, 0, device, "none")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if not dist.is_initialized():
-        init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
+        init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device if backend == "nccl" else None)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 

@@ -20,7 +20,7 @@ from sharding.types import Shard, TableConfig
 from tests.conftest import run_cli
 from tests.ranks import run_ranks
 from tests.test_sharded import GLOBAL_BATCH, KINDS, LR, STEPS, TABLES, local_slice, make_batch, make_plan
-from tests.tolerance import EPS32, assert_within, sum_tol
+from tests.tolerance import C, assert_within, sum_tol
 
 HALVES = ["fp16", "bf16"]
 
@@ -92,9 +92,10 @@ def _train_half_tables(rank, world, kind, precision, kernel):
     return pooled, [(name, s, w.clone()) for name, s, w in emb.shard_weights()]
 
 
-def _whole(results, tables) -> dict[str, torch.Tensor]:
+def _whole(shard_lists, tables) -> dict[str, torch.Tensor]:
+    """Every table whole from each rank's list of (table, shard, its rows)."""
     whole = {t.name: torch.zeros(t.num_rows, t.dim) for t in tables}
-    for _, shards in results:
+    for shards in shard_lists:
         for name, s, w in shards:
             whole[name][s.row_start:s.row_end, s.col_start:s.col_end] = w.float()
     return whole
@@ -110,7 +111,7 @@ def test_half_tables_on_two_ranks_follow_one_process(kind, precision):
     off by ~LR = 0.1, 25x more than three bf16 ulps at |w| < 1 (0.0039 each)."""
     ref = run_ranks(1, _train_half_tables, kind, precision, "torch")
     two = run_ranks(2, _train_half_tables, kind, precision, "torch")
-    ref_w, two_w = _whole(ref, TABLES), _whole(two, TABLES)
+    ref_w, two_w = _whole([r[1] for r in ref], TABLES), _whole([r[1] for r in two], TABLES)
     dtype = DTYPES[precision]
     for t in TABLES:
         a, b = two_w[t.name], ref_w[t.name]
@@ -120,6 +121,69 @@ def test_half_tables_on_two_ranks_follow_one_process(kind, precision):
         lo = rank * -(-GLOBAL_BATCH // 2)
         first = ref[0][0][0][lo:lo + pooled[0].shape[0]]
         assert_within(pooled[0], first, sum_tol(first.abs() + 1.0, 8), f"rank {rank} pooled")
+
+
+# ---- half-precision compute on N ranks ------------------------------------------------------------
+
+def _compute_step(rank, world, mode):
+    """One forward and backward of a small DLRM (cat interaction over test_sharded's mixed plan, so
+    row-, table-, column-wise and replicated tables) on ``world`` ranks for the same global batch, then a
+    sparse SGD step of lr 1, so each table moves by minus its gradient. ``mode``: the compute precision,
+    or "abs" for fp32 on |weights| and |inputs| (tests/test_model.py's magnitudes: every value becomes
+    the sum of the magnitudes of its terms). Returns the logits, the dense gradients (summed over ranks),
+    the tables' moves, and the model's rounding and term counts."""
+    from distrec.model.dlrm import DLRM
+    from distrec.trainer.dense_parallel import ddp_dense
+    from tests.test_model import accumulated_terms, half_roundings
+
+    torch.manual_seed(0)
+    emb = ShardedEmbeddingCollection(SUM_TABLES, make_plan(world, "sgd", "torch"), rank=rank, seed=0,
+                                     optim=OptimSpec("sgd", 1.0), kernel="torch")
+    model = DLRM(4, emb, [8, 8], [16], interaction="cat", precision="fp32" if mode == "abs" else mode)
+    dense = torch.randn(GLOBAL_BATCH, 4, generator=torch.Generator().manual_seed(5))
+    if mode == "abs":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.abs_()
+        dense = dense.abs()  # make_batch's per-sample weights are >= 0 already
+    call = ddp_dense(model, [])[0] if world > 1 else model
+    per = -(-GLOBAL_BATCH // world)
+    lo, hi = rank * per, min(GLOBAL_BATCH, (rank + 1) * per)
+    jb, _ = make_batch(0, SUM_TABLES)
+    out = call(dense[lo:hi], local_slice(jb, lo, hi))
+    out.sum().backward()
+    before = [(n, s, w.clone()) for n, s, w in emb.shard_weights()]
+    emb.sync_replica_grads()
+    emb.step()
+    moved = [(n, s, (w - b).abs() if mode == "abs" else w - b) for (n, s, b), (_, _, w) in zip(before, emb.shard_weights())]
+    return (out.detach(), [p.grad.clone() for p in model.dense_parameters()], moved,
+            half_roundings(model), accumulated_terms(model, GLOBAL_BATCH, 4))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_compute_on_two_ranks_follows_one_rank_within_its_roundings(precision):
+    """bf16/fp16 autocast on 2 ranks against 1 rank, the same global batch and weights: each run is within
+    tests/test_model.py's bound of the fp32 computation (k roundings of eps / 2 of each value's magnitude
+    in forward, as many again in backward, C = 2 for second-order terms, plus fp32's reordering), so they
+    are within twice that of each other: logits, dense gradients (each rank's bf16 weight gradient
+    rounded before DDP sums it, which the same bound covers) and every table's move. A sample lost or
+    counted twice, or a rank's gradients missing, is off by the whole of its terms."""
+    eps = torch.finfo(DTYPES[precision]).eps
+    mag_out, mag_dense, mag_moved, _, _ = run_ranks(1, _compute_step, "abs")[0]
+    fp32 = run_ranks(1, _compute_step, "fp32")[0]
+    one = run_ranks(1, _compute_step, precision)[0]
+    two = run_ranks(2, _compute_step, precision)
+    k, (n_forward, n) = one[3], one[4]
+    forward_tol = 2 * (C * k * eps / 2 * mag_out + sum_tol(mag_out, n_forward))
+    assert_within(torch.cat([r[0] for r in two]), one[0], forward_tol, f"{precision} logits, 2 ranks vs 1")
+    assert ((one[0] - fp32[0]).abs() > sum_tol(mag_out, n_forward)).any(), f"{precision} autocast did not run"
+    for i, (a, b, mag) in enumerate(zip(two[0][1], one[1], mag_dense)):
+        assert_within(a, b, 2 * (C * 2 * k * eps / 2 * mag + sum_tol(mag, n)), f"{precision} dense gradient {i}")
+    whole_mag, whole_one = _whole([mag_moved], SUM_TABLES), _whole([one[2]], SUM_TABLES)
+    for name, a in _whole([r[2] for r in two], SUM_TABLES).items():
+        mag = whole_mag[name]
+        assert_within(a, whole_one[name], 2 * (C * 2 * k * eps / 2 * mag + sum_tol(mag, n)),
+                      f"{precision} table {name} move")
 
 
 # ---- half-precision exchanges ----------------------------------------------------------------------

@@ -95,36 +95,40 @@ def test_fused_model_matches_reference_forward_and_backward(case):
         assert_within(a.grad, b.grad, sum_tol(mag, n), "top MLP gradient")
 
 
-# bf16 keeps 8 significant bits: each rounding to bf16 moves a value by at most EPS_BF16 / 2 of itself.
-EPS_BF16 = torch.finfo(torch.bfloat16).eps
+# bf16 keeps 8 significant bits, fp16 11: each rounding moves a value by at most eps / 2 of itself.
+EPS_HALF = {"bf16": torch.finfo(torch.bfloat16).eps, "fp16": torch.finfo(torch.float16).eps}
 
 
-def bf16_roundings(model) -> int:
-    """Roundings to bf16 along any path from an input to the logit under autocast: each Linear rounds its
-    input, its weight and its output, and the interaction's products their two inputs and the result."""
+def half_roundings(model) -> int:
+    """Roundings to the half type along any path from an input to the logit under autocast: each Linear
+    rounds its input, its weight and its output, and the interaction's products their two inputs and the
+    result."""
     return 3 * (sum(isinstance(m, torch.nn.Linear) for m in model.modules()) + 1)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("case", CASES[:2] + CASES[3:4], ids=["dot", "mean", "dcn"])
-def test_bf16_compute_is_fp32_within_its_roundings_with_fp32_logits_and_gradients(case):
-    """train.precision = "bf16": the dense part under bf16 autocast. To first order, k roundings of relative
-    size EPS_BF16 / 2 each move the logit by at most k * EPS_BF16 / 2 of its magnitude (magnitudes(): the sum
-    of |terms| through every layer), and backward rounds as many again; C = 2 (tests/tolerance.py) takes the
-    second-order terms. The bound is every rounding going the same way; measured, the logits use ~0.1 %
-    of it. And they must differ from fp32 by more than fp32's own bound somewhere, or bf16 did not run."""
+def test_half_compute_is_fp32_within_its_roundings_with_fp32_logits_and_gradients(case, precision):
+    """train.precision = "bf16" or "fp16": the dense part under that autocast. To first order, k roundings
+    of relative size eps / 2 each move the logit by at most k * eps / 2 of its magnitude (magnitudes(): the
+    sum of |terms| through every layer), and backward rounds as many again; C = 2 (tests/tolerance.py) takes
+    the second-order terms. The bound is every rounding going the same way; measured, the logits use ~0.1 %
+    of it. And they must differ from fp32 by more than fp32's own bound somewhere, or autocast did not run.
+    (The values here are far inside fp16's range: no loss scaling is needed to compare them.)"""
     case = dict(case)
     tspecs = specs(case.pop("dims", (8, 8, 8)), pooling=case.pop("pooling", "sum"))
     model = build(tspecs, **case)
-    model.precision = "bf16"
+    model.precision = precision
+    eps = EPS_HALF[precision]
     ref = ReferenceDLRM.from_model(model)
     dense, sparse = torch.randn(17, case.get("num_dense", 4)), random_batch(tspecs, 17)
     out, want = model(dense, sparse), ref(dense, sparse)
     n_forward, n = accumulated_terms(model, 17, 3)
     mag_out, mag_tables, mag_top = magnitudes(ref, dense, sparse)
-    k = bf16_roundings(model)
+    k = half_roundings(model)
     assert out.dtype == torch.float32
-    assert_within(out, want, C * k * EPS_BF16 / 2 * mag_out + sum_tol(mag_out, n_forward), "bf16 logits")
-    assert ((out - want).abs() > sum_tol(mag_out, n_forward)).any(), "bf16 autocast did not change the logits"
+    assert_within(out, want, C * k * eps / 2 * mag_out + sum_tol(mag_out, n_forward), f"{precision} logits")
+    assert ((out - want).abs() > sum_tol(mag_out, n_forward)).any(), f"{precision} autocast did not change the logits"
     out.sum().backward()
     want.sum().backward()
     for i, bag in enumerate(ref.tables):
@@ -132,10 +136,10 @@ def test_bf16_compute_is_fp32_within_its_roundings_with_fp32_logits_and_gradient
         start = sum(s.num_rows for s in tspecs[:i] if s.dim == tspecs[i].dim)
         assert grad.dtype == torch.float32  # the tables and their updates stay fp32
         assert_within(grad[start:start + tspecs[i].num_rows], bag.weight.grad,
-                      C * 2 * k * EPS_BF16 / 2 * mag_tables[i] + sum_tol(mag_tables[i], n), f"table {i} gradient")
+                      C * 2 * k * eps / 2 * mag_tables[i] + sum_tol(mag_tables[i], n), f"table {i} gradient")
     for a, b, mag in zip(model.top.parameters(), ref.top.parameters(), mag_top):
         assert a.dtype == a.grad.dtype == torch.float32
-        assert_within(a.grad, b.grad, C * 2 * k * EPS_BF16 / 2 * mag + sum_tol(mag, n), "top MLP gradient")
+        assert_within(a.grad, b.grad, C * 2 * k * eps / 2 * mag + sum_tol(mag, n), "top MLP gradient")
 
 
 def test_per_sample_weights_scale_each_id():

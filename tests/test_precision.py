@@ -79,3 +79,18 @@ def test_the_ps_workers_take_the_same_precision(small_data, tmp_path):
                 "--train.global_batch_size=252", "--train.precision=bf16")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "workers' dense part in bf16" in r.stdout and "final: step" in r.stdout
+
+
+def test_the_ps_workers_scale_an_fp16_loss_and_push_nothing_from_an_overflowing_step(small_data, tmp_path):
+    """fp16 on the PS: each worker keeps its own loss scale; a first scale of 2**40 overflows, so the first
+    steps push nothing (the servers' version does not move), are counted, and training then goes on."""
+    cfg_path, data = small_data
+    r = run_cli("-m", "distrec", "ps", "--workers", "2", "--servers", "1", "--config", str(cfg_path),
+                f"--data.path={data}", f"--logging.dir={tmp_path}", "--train.max_steps=30",
+                "--train.global_batch_size=252", "--train.precision=fp16", f"--train.loss_scale={2.0**40}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skip = [x for x in recs if x["kind"] == "skip"]
+    assert len(skip) == 1 and len(skip[0]["per_worker"]) == 2 and all(n >= 5 for n in skip[0]["per_worker"])
+    assert f"fp16: {skip[0]['skipped']} worker step(s) overflowed and pushed nothing" in r.stdout
+    assert "final: step" in r.stdout

@@ -110,6 +110,10 @@ def coordinate(cfg: Config, procs: dict, init_method: str) -> dict:
     futures = [rpc.rpc_async(f"worker{w}", run_worker, args=(cfg, w, servers, rpc.RRef(reporter), total), timeout=0)
                for w in range(cfg.ps.workers)]
     supervise(cfg, futures, reporter, specs, client, servers, procs)
+    if cfg.train.precision == "fp16":  # each worker scales its own loss; an overflowing step pushes nothing
+        skipped = [f.wait()["skipped"] for f in futures]
+        log.record({"kind": "skip", "skipped": sum(skipped), "per_worker": skipped})
+        log.info(f"fp16: {sum(skipped)} worker step(s) overflowed and pushed nothing (per worker: {skipped})")
     reporter.flush()
     totals = reporter.totals()
     result = evaluate(cfg, specs, client)

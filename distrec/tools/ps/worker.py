@@ -17,6 +17,7 @@ from distrec.data.loader import Batch, Columns, ParquetLoader
 from distrec.data.manifest import read_manifest, split_files
 from distrec.tools.ps.rows import Partition, batch_ids
 from distrec.tools.ps.server import dense_model
+from distrec.trainer.loss_scale import LossScale
 
 
 class ServerClient:
@@ -54,8 +55,10 @@ class ServerClient:
         return futures
 
 
-def local_step(model, client: ServerClient, batch: Batch) -> tuple[float, list, int]:
-    """Pull, forward, backward, push. Returns (loss sum, push futures, server 0's version at pull)."""
+def local_step(model, client: ServerClient, batch: Batch, scaler: LossScale | None = None) -> tuple[float, list, int]:
+    """Pull, forward, backward, push. Returns (loss sum, push futures, server 0's version at pull).
+    With ``scaler`` (train.precision = "fp16") the loss is scaled, and a step whose gradients overflow
+    pushes nothing (no futures): the servers' rows, dense weights and optimizer state stay as they are."""
     unique = batch_ids(batch.sparse, len(client.specs))
     rows, version, dense = client.pull(unique)
     model.load_state_dict(dense)
@@ -63,9 +66,11 @@ def local_step(model, client: ServerClient, batch: Batch) -> tuple[float, list, 
     model.embeddings.set_rows(unique, rows)
     model.zero_grad(set_to_none=True)
     loss_sum = F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels, reduction="sum")
-    (loss_sum / len(batch)).backward()
+    (loss_sum * ((scaler.scale if scaler is not None else 1.0) / len(batch))).backward()
     dense_grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
     grads = [r.grad if r.grad is not None else torch.zeros_like(r) for r in rows]
+    if scaler is not None and not scaler.finite([*dense_grads.values(), *grads]):  # this worker's alone
+        return float(loss_sum.detach()), [], version
     return float(loss_sum.detach()), client.push(unique, grads, dense_grads), version
 
 
@@ -102,21 +107,23 @@ def run_worker(cfg: Config, index: int, servers: list[rpc.RRef], reporter: rpc.R
     client = ServerClient(servers, specs, Partition(cfg.ps.partition, cfg.ps.servers), cfg.ps.timeout_s)
     loader = make_worker_loader(cfg, index, cfg.data.train_split, train=True)
     pending, steps, start = None, 0, time.perf_counter()
+    scaler = LossScale(cfg.train.loss_scale) if cfg.train.precision == "fp16" else None
     for batch in worker_batches(loader, total):
         if pending:
             report(reporter, index, *pending)
         if len(batch) == 0:  # fewer rows than workers in the last batch
             pending = None
             continue
-        loss_sum, futures, version = local_step(model, client, batch)
+        loss_sum, futures, version = local_step(model, client, batch, scaler)
         pending, steps = (len(batch), loss_sum, futures, version), steps + 1
     if pending:
         report(reporter, index, *pending)
-    return {"worker": index, "steps": steps, "seconds": time.perf_counter() - start}
+    return {"worker": index, "steps": steps, "seconds": time.perf_counter() - start,
+            "skipped": scaler.skipped if scaler is not None else 0}
 
 
 def report(reporter: rpc.RRef, index: int, rows: int, loss_sum: float, futures: list, version: int) -> None:
     """Wait for a push and tell the coordinator its rows, loss and staleness (updates applied on
     server 0 between this worker's pull and its push)."""
-    before = [f.wait() for f in futures][0]
+    before = [f.wait() for f in futures][0] if futures else version  # a skipped fp16 step pushed nothing
     reporter.rpc_sync().add(index, rows, loss_sum, before - version)

@@ -229,6 +229,7 @@ class EvalConfig:
     every_steps: int = 0  # 0: evaluate at the end only
     batch_size: int = 16384  # global
     max_rows: int = 0  # 0: the whole eval split
+    precision: str = "train"  # train: the dense part as train.precision computes it | fp32
 
 
 @dataclass
@@ -326,6 +327,7 @@ CHOICES = {
     ("optimizer", "plateau_metric"): ("auc", "logloss"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "precision"): ("fp32", "bf16", "fp16"),
+    ("eval", "precision"): ("train", "fp32"),
     ("train", "early_stop.metric"): ("", "auc", "logloss"),
     ("checkpoint", "keep_best"): ("", "auc", "logloss"),
     ("plan", "default"): ("auto", *SHARDING_TYPES),

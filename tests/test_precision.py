@@ -94,3 +94,26 @@ def test_the_ps_workers_scale_an_fp16_loss_and_push_nothing_from_an_overflowing_
     assert len(skip) == 1 and len(skip[0]["per_worker"]) == 2 and all(n >= 5 for n in skip[0]["per_worker"])
     assert f"fp16: {skip[0]['skipped']} worker step(s) overflowed and pushed nothing" in r.stdout
     assert "final: step" in r.stdout
+
+
+def test_evaluation_runs_in_the_training_precision_unless_fp32_is_asked_for():
+    """eval.precision = "train" (default): eval() keeps bf16 autocast; "fp32": the dense part in fp32 in
+    eval() (the logits equal the fp32 model's exactly), while training still runs in bf16."""
+    import torch
+
+    from distrec.model.dlrm import DLRM
+    from tests.reference_model import LocalEmbeddings
+    from tests.test_model import random_batch, specs
+
+    tspecs = specs()
+    logits = {}
+    for precision, eval_precision in (("fp32", "train"), ("bf16", "train"), ("bf16", "fp32")):
+        torch.manual_seed(0)
+        model = DLRM(4, LocalEmbeddings(tspecs), [16, 8], [12, 6], precision=precision,
+                     eval_precision=eval_precision).eval()
+        logits[precision, eval_precision] = model(torch.randn(17, 4, generator=torch.Generator().manual_seed(1)),
+                                                  random_batch(tspecs, 17))
+        assert model.train().active_precision == precision
+    assert torch.equal(logits["bf16", "fp32"], logits["fp32", "train"])
+    assert not torch.equal(logits["bf16", "train"], logits["fp32", "train"])
+    assert load_config(None, ["--eval.precision=fp32"]).eval.precision == "fp32"

@@ -134,16 +134,17 @@ class DLRM(nn.Module):
     ``overlap``: run the bottom MLP while the pooled embeddings are exchanged (same results either way).
     ``precision="bf16"`` or ``"fp16"``: the bottom MLP, the interaction, the top MLP (and FM) under that
     autocast; the pooled embeddings come in fp32, and the logit is returned in fp32 for an fp32 loss (fp16
-    needs the trainer's loss scaling: ``distrec.trainer.loss_scale``).
+    needs the trainer's loss scaling: ``distrec.trainer.loss_scale``). ``eval_precision = "fp32"``: in
+    eval() the dense part runs in fp32 whatever ``precision`` is (config ``eval.precision``).
     """
 
     def __init__(self, num_dense: int, embeddings: EmbeddingPart, bottom_mlp: list[int], top_mlp: list[int],
                  interaction: str = "dot", dcn_layers: int = 2, dcn_low_rank: int = 0,
                  dropout: float | list[float] = 0.0, norm: str = "none", fm: bool = False, init: str = "default",
-                 overlap: bool = True, precision: str = "fp32"):
+                 overlap: bool = True, precision: str = "fp32", eval_precision: str = "train"):
         super().__init__()
         self.embeddings = embeddings
-        self.overlap, self.precision = overlap, precision
+        self.overlap, self.precision, self.eval_precision = overlap, precision, eval_precision
         n_bottom = len(bottom_mlp) if num_dense else 0
         rates = list(dropout) if isinstance(dropout, list) else [dropout] * (n_bottom + len(top_mlp))
         self.bottom = mlp([num_dense, *bottom_mlp], True, norm, rates[:n_bottom]) if num_dense else None
@@ -168,7 +169,7 @@ class DLRM(nn.Module):
         m = cfg.model
         return DLRM(len(cfg.schema.dense), embeddings, m.bottom_mlp, m.top_mlp, m.interaction,
                     m.dcn_layers, m.dcn_low_rank, dropout_rates(cfg), m.norm, m.fm, m.init, cfg.train.overlap,
-                    cfg.train.precision)
+                    cfg.train.precision, cfg.eval.precision)
 
     def _bottom(self, dense: torch.Tensor) -> torch.Tensor | None:
         if self.bottom is None:
@@ -178,8 +179,14 @@ class DLRM(nn.Module):
 
     def _compute(self, like: torch.Tensor) -> torch.autocast:
         """The dense part's precision: bf16 or fp16 autocast on ``like``'s device, or fp32 (autocast off)."""
-        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-        return torch.autocast(like.device.type, dtype=dtype, enabled=self.precision != "fp32")
+        precision = self.active_precision
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        return torch.autocast(like.device.type, dtype=dtype, enabled=precision != "fp32")
+
+    @property
+    def active_precision(self) -> str:
+        """The precision of this forward: training's, also in eval() unless eval_precision = "fp32"."""
+        return self.precision if self.training or self.eval_precision == "train" else "fp32"
 
     def dense_parameters(self) -> list[nn.Parameter]:
         skip = {id(p) for p in self.embeddings.parameters()}
@@ -198,4 +205,4 @@ class DLRM(nn.Module):
         with self._compute(pooled):
             logit = self.top(self.interaction(bottom, pooled, self.dim)).squeeze(1)
             logit = logit if self.fm is None else logit + self.fm(pooled, self.dim)
-        return logit if self.precision == "fp32" else logit.float()  # the loss and its batch sum in fp32
+        return logit if self.active_precision == "fp32" else logit.float()  # the loss and its batch sum in fp32

@@ -67,8 +67,8 @@ def run_torchrec(common: list[str], ranks: int, precision: str, result: Path) ->
 def sweep(args, model: str, ranks: int, tmp: Path) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
     common = [f"--data.path={args.data}", f"--train.global_batch_size={args.batch}", f"--train.max_steps={args.steps}",
               "--plan.default=row_wise", *MODELS[model]]
-    got = {name: {"distrec": [], "torchrec": []} for name in SETTINGS}
-    names = list(SETTINGS)
+    names = ["fp32", *(s for s in args.settings if s != "fp32")]
+    got = {name: {"distrec": [], "torchrec": []} for name in names}
     for k in range(args.repeats):
         for name in names[k % len(names):] + names[:k % len(names)]:
             overrides, peer = SETTINGS[name]
@@ -103,6 +103,8 @@ def main() -> int:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--no-torchrec", action="store_true", help="distrec's runs only")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                   help="a subset (fp32, the baseline, is always run)")
     args = p.parse_args()
     print("| model | ranks | setting | samples/s | ÷ fp32 | AUC | AUC - fp32 | logloss | TorchRec samples/s "
           "(same autocast) | distrec ÷ TorchRec | TorchRec AUC |")

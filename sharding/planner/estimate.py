@@ -87,17 +87,20 @@ class PieceCost(NamedTuple):
         return self.weights + self.optimizer + self.workspace + self.buffers
 
 
+def stored_precision(t: TableConfig, kind: ShardingType | None = None) -> str:
+    """How ``t``'s weights are stored placed as ``kind``: ``t.precision``, but a data-parallel replica in
+    fp32 whatever it says (sharding.runtime keeps replicas in fp32)."""
+    return "fp32" if kind is not None and RULES[kind].replicated else t.precision
+
+
 def weight_bytes(t: TableConfig, kind: ShardingType | None = None) -> int:
-    """Bytes of one stored weight of ``t``: 4 in fp32, 2 in fp16 or bf16 (``BYTES_PER_ELEMENT``); a
-    data-parallel replica's are 4 whatever ``t.precision`` (sharding.runtime keeps replicas in fp32)."""
-    if kind is not None and RULES[kind].replicated:
-        return FP32_BYTES
-    return BYTES_PER_ELEMENT[t.precision]
+    """Bytes of one stored weight of ``t``: 4 in fp32, 2 in fp16 or bf16 (``BYTES_PER_ELEMENT``)."""
+    return BYTES_PER_ELEMENT[stored_precision(t, kind)]
 
 
-def table_bytes(t: TableConfig, optimizer: str) -> float:
-    """Weights (storage precision) and optimizer state (fp32) of the whole table."""
-    return t.num_rows * t.dim * weight_bytes(t) + optimizer_bytes(optimizer, t.num_rows, t.dim)
+def table_bytes(t: TableConfig, optimizer: str, kind: ShardingType | None = None) -> float:
+    """Weights (as stored when placed as ``kind``) and optimizer state (fp32) of the whole table."""
+    return t.num_rows * t.dim * weight_bytes(t, kind) + optimizer_bytes(optimizer, t.num_rows, t.dim)
 
 
 def state_bytes_per_row(optimizer: str, width: int) -> int:

@@ -7,7 +7,7 @@ nothing fits; what-if comparisons side by side.
 from __future__ import annotations
 
 from sharding.types import rank_list
-from sharding.planner.estimate import estimate_plan, table_bytes
+from sharding.planner.estimate import estimate_plan, stored_precision, table_bytes
 from sharding.planner.exchange import with_exchange
 from sharding.planner.types import GB, PlannerError, PlanResult, TableDecision, Workload, human_bytes
 from sharding.types import ShardingType, TableConfig
@@ -70,12 +70,12 @@ def _columns(rows: list[tuple[str, ...]], right: set[int]) -> str:
 def format_tables(result: PlanResult, tables: list[TableConfig]) -> str:
     rows = [("table", "rows", "dim", "ids/sample", "size", "stored", "type", "ranks", "why", "best rejected alternative")]
     for t in tables:
-        d = result.decisions[t.name]
+        d, kind = result.decisions[t.name], ShardingType(result.plan.tables[t.name].sharding_type)
         ranks = sorted({s.rank for s in result.plan.tables[t.name].shards})
         alt = f"{d.alternative}: {d.alternative_cost}" if d.alternative else d.alternative_cost
         rows.append((t.name, f"{t.num_rows:,}", str(t.dim), f"{result.workload.pooling_factor(t.name):g}",
-                     size(table_bytes(t, result.workload.optimizer)), t.precision, d.option.label, rank_list(ranks),
-                     d.reason, alt))
+                     size(table_bytes(t, result.workload.optimizer, kind)), stored_precision(t, kind),
+                     d.option.label, rank_list(ranks), d.reason, alt))
     return _columns(rows, right={1, 2, 3, 4})
 
 

@@ -15,7 +15,8 @@ install: $(STAMP)
 $(STAMP): constraints.txt setup.cfg setup.py pyproject.toml sharding/kernels/csrc/cpu_tbe.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt torch==2.13.0 fbgemm-gpu-cpu==1.8.0 \
-		torchmetrics tensordict pyre-extensions tqdm numpy pyarrow tomli-w pytest triton matplotlib
+		torchmetrics tensordict pyre-extensions tqdm numpy pyarrow tomli-w pytest triton matplotlib \
+		onnx onnxscript onnxruntime
 	# --no-deps: torchrec's metadata asks for the CUDA fbgemm-gpu, which must never land on a CPU machine.
 	$(PIP) install -q --no-deps -c constraints.txt torchrec==1.8.0
 	# Builds distrec's C++ CPU kernel in place (setup.py; optional: the install goes on if it fails).

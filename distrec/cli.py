@@ -9,6 +9,7 @@
     distrec plan --gpus 8 --config configs/criteo_terabyte.toml --hbm-gb 16 --json plan.json
     distrec bench --quick --out report/
     distrec eval --checkpoint runs/demo/ckpt --split test
+    distrec export --checkpoint runs/demo/ckpt --out runs/demo/serve --format both
 """
 from __future__ import annotations
 
@@ -82,6 +83,12 @@ def _eval(args: argparse.Namespace, rest: list[str]) -> int:
     return eval_main(args, rest)
 
 
+def _export(args: argparse.Namespace, rest: list[str]) -> int:
+    from distrec.tools.export import main as export_main
+
+    return export_main(args, rest)
+
+
 def _plan(args: argparse.Namespace, rest: list[str]) -> int:
     from distrec.tools.plan import main as plan_main
 
@@ -124,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(sub, "eval", "evaluate a checkpoint on a split (AUC, logloss, calibration), on any world size",
              add_eval_arguments, _eval)
+    from distrec.tools.export import add_arguments as add_export_arguments
+
+    _command(sub, "export", "a checkpoint as a Triton model repository (TorchScript and/or ONNX, config.pbtxt)",
+             add_export_arguments, _export, epilog=None)
     from distrec.tools.bench.cli import add_arguments as add_bench_arguments
 
     _command(sub, "bench", "scaling benchmark report: sweep engines, strategies and ranks; `bench compare A B`",

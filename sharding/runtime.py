@@ -51,7 +51,7 @@ from sharding.optim import OptimSpec
 from sharding.plan import validate_plan
 from sharding.rounding import DTYPES
 from sharding.two_level import TwoLevelOutput, assemble
-from sharding.types import PRECISIONS, Shard, ShardingPlan, ShardingType, TableConfig
+from sharding.types import PRECISIONS, PlanError, Shard, ShardingPlan, ShardingType, TableConfig
 
 ERR_NONE, ERR_KEYS, ERR_RANGE = 0, 1, 2
 COUNT_FIELDS = 6  # batch size, ids sent, has weights, error code, feature index, bad id
@@ -157,7 +157,7 @@ class ShardedEmbeddingCollection(nn.Module):
         if plan.exchange != "two_level":
             return None
         if self.comm_dtypes != (torch.float32, torch.float32):
-            raise ValueError("plan.comm_precision applies to the flat output exchange; this plan's two-level "
+            raise PlanError("plan.comm_precision applies to the flat output exchange; this plan's two-level "
                              "one sends fp32: set plan.comm_precision = \"fp32\" or plan a flat exchange")
         return TwoLevelOutput(self.dst_shards, self.dims, self.rank, self.world,
                               ranks_per_node or plan.ranks_per_node, self.group)

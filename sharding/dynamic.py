@@ -53,7 +53,7 @@ from sharding.types import DynamicTableConfig, state_names
 SKETCH_DEPTH = 4  # count-min sketch rows (independent hashes); its error shrinks exponentially in this
 SKETCH_WIDTH = 1 << 16  # counters per row: 4 x 65536 int32 = 1 MiB per shard with admit_count > 1
 NEVER = -(1 << 62)  # last-seen step of a free slot: older than any step
-ERR_NONE, ERR_KEYS, ERR_DTYPE = 0, 1, 2
+ERR_NONE, ERR_KEYS, ERR_DTYPE, ERR_WEIGHTS = 0, 1, 2, 3
 COUNT_FIELDS = 4  # batch size, ids sent, error code, table index
 _U24 = float(1 << 24)  # random values take 24 bits: a float32's mantissa
 
@@ -334,6 +334,8 @@ class DynamicEmbeddingCollection(nn.Module):
             return ERR_KEYS, 0
         if sparse.values.dtype != torch.int64:  # the first table with ids is the one named
             return ERR_DTYPE, next((i for i, n in enumerate(sparse.length_per_key()) if n), 0)
+        if sparse.weights is not None:  # not pooled yet: refused rather than silently ignored
+            return ERR_WEIGHTS, 0
         return ERR_NONE, 0
 
     def _raise(self, counts: torch.Tensor, sparse: JaggedBatch) -> None:
@@ -345,6 +347,8 @@ class DynamicEmbeddingCollection(nn.Module):
             if code == ERR_DTYPE:
                 raise InputError(f"rank {src}: dynamic table {self.names[int(counts[src, 3])]}: ids must be "
                                  f"int64 (raw ids), got {sparse.values.dtype if src == self.rank else 'another dtype'}")
+            if code == ERR_WEIGHTS:
+                raise InputError(f"rank {src}: dynamic tables {self.names}: per-sample weights are not supported yet")
 
     def _bucketize(self, sparse: JaggedBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Per owner: lengths [tables * batch] of the ids it gets, and those ids (table-major, then bag)."""

@@ -251,6 +251,9 @@ def test_bad_configs_and_input_name_the_table():
     floats = JaggedBatch(["u", "v"], torch.tensor([1.5, 2.0]), torch.tensor([0, 0, 1, 1]))
     with pytest.raises(InputError, match=r"^rank 0: dynamic table v: ids must be int64 \(raw ids\), got torch.float32$"):
         emb(floats)
+    weighted = JaggedBatch(["u", "v"], torch.tensor([1, 2]), torch.tensor([1, 1]), torch.ones(2))
+    with pytest.raises(InputError, match="per-sample weights are not supported yet"):
+        emb(weighted)
     with pytest.raises(InputError, match="keys do not match"):
         emb(JaggedBatch(["v", "u"], torch.tensor([1, 2]), torch.tensor([1, 1])))
 

@@ -54,6 +54,53 @@ class TableConfig:
     precision: str = "fp32"  # PRECISIONS: how the weights are stored (optimizer state is fp32)
 
 
+# Dynamic (hash-keyed) tables, sharding.dynamic: what a full shard does with a newly admitted id, and what
+# ``evict(step)`` removes. "none": nothing is evicted, a new id finds no room and is rejected (counted);
+# "lru": the least recently seen slot makes room; "lfu": the least often seen one; "steps_to_live": slots
+# not seen for more than ``steps_to_live`` steps are freed by ``evict(step)``; "l2": slots whose row norm
+# is below ``l2_threshold`` are freed by ``evict(step)`` (the last two reject like "none" when full).
+DYNAMIC_EVICTIONS = ("none", "lru", "lfu", "steps_to_live", "l2")
+DYNAMIC_INITS = ("uniform", "normal", "zeros")  # a new row: +-init_bound, or mean 0 and std init_std
+
+
+@dataclass(frozen=True)
+class DynamicTableConfig:
+    """A table keyed by raw int64 ids (any value), rows made on admission: ``capacity`` rows per rank.
+
+        DynamicTableConfig("user", dim=16, capacity=100_000, admit_count=2, evict="lru")
+    """
+
+    name: str  # also the feature (key) looked up in it
+    dim: int
+    capacity: int  # rows per rank
+    pooling: str = "sum"  # sum | mean (mean divides by the bag's length, ids not admitted included)
+    admit_count: int = 1  # occurrences before an id gets a row; 1: at first sight
+    evict: str = "none"  # DYNAMIC_EVICTIONS
+    steps_to_live: int = 0  # evict == "steps_to_live": steps a slot may go unseen
+    l2_threshold: float = 0.0  # evict == "l2": a row norm below this is evicted
+    init: str = "uniform"  # DYNAMIC_INITS
+    init_bound: float = 0.01  # init == "uniform": values in [-init_bound, init_bound)
+    init_std: float = 0.01  # init == "normal"
+
+    def __post_init__(self):
+        bad = _dynamic_problem(self)
+        if bad:
+            raise ValueError(f"dynamic table {self.name}: {bad}")
+
+
+def _dynamic_problem(t: DynamicTableConfig) -> str | None:
+    checks = [(t.dim >= 1, f"dim {t.dim} must be >= 1"),
+              (t.capacity >= 1, f"capacity {t.capacity} must be >= 1 (rows per rank)"),
+              (t.pooling in ("sum", "mean"), f"pooling {t.pooling!r} must be sum or mean"),
+              (t.admit_count >= 1, f"admit_count {t.admit_count} must be >= 1"),
+              (t.evict in DYNAMIC_EVICTIONS, f"evict {t.evict!r} must be one of {', '.join(DYNAMIC_EVICTIONS)}"),
+              (t.evict != "steps_to_live" or t.steps_to_live >= 1, f"steps_to_live {t.steps_to_live} must be >= 1"),
+              (t.evict != "l2" or t.l2_threshold > 0, f"l2_threshold {t.l2_threshold} must be > 0"),
+              (t.init in DYNAMIC_INITS, f"init {t.init!r} must be one of {', '.join(DYNAMIC_INITS)}"),
+              (t.init_bound >= 0 and t.init_std >= 0, "init_bound and init_std must be >= 0")]
+    return next((why for ok, why in checks if not ok), None)
+
+
 @dataclass(frozen=True)
 class Shard:
     """Rows [row_start, row_end) and columns [col_start, col_end) of a table, held by ``rank``; a cut

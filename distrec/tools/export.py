@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +81,17 @@ def save_torchscript(model: torch.nn.Module, path: Path) -> None:
 def save_onnx(model: torch.nn.Module, example, path: Path) -> None:
     batch, ids = torch.export.Dim("batch", min=1), torch.export.Dim("ids", min=0)
     # The exporter prints its stages and warns about ops it does not use: kept out of the command's output.
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, str(path), input_names=["dense", "lengths", "ids"],
-                          output_names=["probability"], dynamo=True, verbose=False, external_data=False,
-                          dynamic_shapes={"dense": {0: batch}, "lengths": {0: batch}, "ids": {0: ids}})
+        onnx_log.setLevel(logging.ERROR)
+        try:
+            torch.onnx.export(model, example, str(path), input_names=["dense", "lengths", "ids"],
+                              output_names=["probability"], dynamo=True, verbose=False, external_data=False,
+                              dynamic_shapes={"dense": {0: batch}, "lengths": {0: batch}, "ids": {0: ids}})
+        finally:
+            onnx_log.setLevel(level)
 
 
 def export(state: dict, out: Path, name: str, formats: list[str], max_batch: int, preferred: list[int],

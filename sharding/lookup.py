@@ -77,7 +77,7 @@ class TorchLookup(nn.Module):
     kernel = "torch"
 
     def __init__(self, placed: list[Placed], tables: list[TableConfig], seed: int, optim: OptimSpec | None,
-                 stochastic_rounding: bool = True):
+                 stochastic_rounding: bool = True, device: torch.device | str = "cpu"):
         super().__init__()
         self.placed = list(placed)
         keys = [(p.shard.width, tables[p.table].precision) for p in placed]
@@ -90,7 +90,8 @@ class TorchLookup(nn.Module):
             for i in (i for i in range(len(placed)) if self.group[i] == g):
                 blocks.append(_init_shard(seed, placed[i], tables))
                 self.row_offset[i], start = start, start + placed[i].shard.num_rows
-            weight = torch.cat(blocks).to(DTYPES[precision])
+            # On its device before the optimizer makes its state: a later module.to() would not move that
+            weight = torch.cat(blocks).to(device=device, dtype=DTYPES[precision])
             self.weights.append(nn.Parameter(weight, requires_grad=weight.dtype == torch.float32))
         self.touched: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # half group -> (rows, fp32 leaf)
         self.optimizer = None
@@ -312,5 +313,5 @@ def make_lookup(placed: list[Placed], tables: list[TableConfig], seed: int, opti
     """``kernel`` is what ``choose_kernel`` returned; a rank with no shards gets an empty TorchLookup.
     ``deferred``: updates wait for ``step()`` (the torch kernel's always do)."""
     if kernel == "torch" or not placed:
-        return TorchLookup(placed, tables, seed, optim, stochastic_rounding)
+        return TorchLookup(placed, tables, seed, optim, stochastic_rounding, device)
     return BatchedLookup(placed, tables, seed, optim, kernel, device, stochastic_rounding, deferred)

@@ -137,7 +137,8 @@ class ShardedEmbeddingCollection(nn.Module):
                                  stochastic_rounding, defer_updates)
         self.replicated = [i for i, k in enumerate(kinds) if k == ShardingType.DATA_PARALLEL]
         self.replicas = TorchLookup([Placed(i, plan.tables[tables[i].name].shards[0]) for i in self.replicated],
-                                    [dataclasses.replace(t, precision="fp32") for t in tables], seed, optim)
+                                    [dataclasses.replace(t, precision="fp32") for t in tables], seed, optim,
+                                    device=device)
         self.optim = optim
         self.recv_width = [sum(p.shard.width for p in shards) for shards in self.dst_shards]
         self.has_mean = any(t.pooling == "mean" for t in tables)
@@ -323,7 +324,7 @@ class ShardedEmbeddingCollection(nn.Module):
     def _replica_lookup(self, sparse: JaggedBatch) -> torch.Tensor:
         batch = sparse.batch_size
         if not self.replicated:
-            return torch.zeros(batch, 0)
+            return torch.zeros(batch, 0, device=sparse.values.device)
         lengths = sparse.lengths.view(len(self.tables), batch)
         per_key = torch.split(sparse.values, sparse.length_per_key())
         weights = torch.split(sparse.weights, sparse.length_per_key()) if sparse.weights is not None else None
@@ -402,7 +403,7 @@ class ShardedEmbeddingCollection(nn.Module):
             if p.grad is None:
                 continue  # every rank looks up every replica each step, so all ranks agree on this
             g = p.grad.coalesce()
-            dense = torch.zeros(p.shape[0], p.shape[1] + 1, dtype=p.dtype)
+            dense = torch.zeros(p.shape[0], p.shape[1] + 1, dtype=p.dtype, device=p.device)
             dense[g.indices()[0], :-1] = g.values()
             dense[g.indices()[0], -1] = 1.0
             all_reduce_(dense, self.group)

@@ -60,7 +60,10 @@ class InferenceDLRM(nn.Module):
         whole = {p["table"]: p["weight"] for p in whole_tables(state["shards"], cfg.optimizer.sparse)}
         specs = table_specs(cfg, {name: w.shape[0] for name, w in whole.items()})
         model = DLRM.from_config(cfg, WholeTables([s.dim for s in specs]))
-        model.load_state_dict(state["dense"], strict=False)  # the embeddings' keys are not there: shards
+        missing, unexpected = model.load_state_dict(state["dense"], strict=False)  # the tables come from shards
+        if missing or unexpected:  # not silently half a model: the config and the weights disagree
+            raise ValueError(f"{where}: the dense weights do not fit the model of its config (missing "
+                             f"{(missing or ['none'])[0]}, unexpected {(unexpected or ['none'])[0]})")
         return InferenceDLRM(model.eval(), [whole[s.name] for s in specs], [s.name for s in specs],
                              [s.pooling == "mean" for s in specs], missing_ids).eval()
 
